@@ -1,0 +1,43 @@
+"""Connecting to Ray: an embedded local cluster on 127.0.0.1, an existing cluster, or the one a Ray job runs in."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+# Worker logs otherwise carry thousands of lines of bytecode dumps from Ray Train's print patch.
+QUIET_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false",
+             "HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+
+
+@contextlib.contextmanager
+def connect(address: str | None = None, num_cpus: int | None = None):
+    """Yield with Ray initialised; shut down only what this call started.
+
+    address None: inside a Ray job (RAY_ADDRESS set) join that cluster, else start a private local cluster
+    bound to 127.0.0.1 with its own temp dir, which never touches other Ray clusters on the machine.
+    """
+    import ray
+
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        yield
+        return
+    temp_dir = None
+    runtime_env = {"env_vars": {k: os.environ[k] for k in QUIET_ENV}}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        # A short path: Ray's unix sockets live under it and have a ~100 character limit.
+        temp_dir = tempfile.mkdtemp(prefix="rsft-", dir="/tmp")
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, _temp_dir=temp_dir,
+                 num_cpus=num_cpus, runtime_env=runtime_env, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)

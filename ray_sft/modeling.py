@@ -1,0 +1,140 @@
+"""Tokenizer set-up, 4-bit loading onto a device the caller names, LoRA targets and config.
+
+Never picks a device for a worker and never uses device_map="auto" for training: under Ray Train each worker
+pins its own device and says which one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ray_sft.spec import JobSpec, LoraSpec, ModelSpec, QuantizationSpec
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+
+
+def resolve_model_path(spec: JobSpec) -> str:
+    """The path or Hub id to load; "tiny" builds (once, cached) the offline tiny model on the spec's data."""
+    if spec.model.name_or_path != TINY:
+        return spec.model.name_or_path
+    from ray_sft import tiny
+
+    return str(tiny.ensure_tiny_model(spec.data.source))
+
+
+def load_tokenizer(path: str, model: ModelSpec):
+    """The recipe's tokenizer set-up: right padding, pad = eos when the tokenizer has no pad token.
+
+    The recipe also passed add_eos_token=True; we append EOS to the text itself instead (data.format_rows), so
+    the tokenizer must not add a second one.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def compute_dtype(quantization: QuantizationSpec) -> torch.dtype:
+    return getattr(torch, quantization.compute_dtype)
+
+
+def bnb_config(quantization: QuantizationSpec):
+    from transformers import BitsAndBytesConfig
+
+    if not quantization.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_use_double_quant=quantization.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(quantization),
+    )
+
+
+def load_model(path: str, spec: JobSpec, device: str | torch.device, training: bool = True):
+    """The base model (4-bit when the spec says so) with every weight on `device`.
+
+    On CPU, training processes get the bitsandbytes repack disabled (see disable_cpu_repack).
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        revision=spec.model.revision,
+        quantization_config=bnb_config(spec.quantization),
+        device_map={"": str(device)},
+        dtype=compute_dtype(spec.quantization),
+        trust_remote_code=spec.model.trust_remote_code,
+        attn_implementation=spec.model.attn_implementation,
+    )
+    if training:
+        model.config.use_cache = False
+        if torch.device(device).type == "cpu":
+            disable_cpu_repack(model)
+    return model
+
+
+def disable_cpu_repack(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for AVX512-BF16 on their first no-grad eval forward.
+
+    bitsandbytes 0.50 repacks a Linear4bit weight in place the first time it runs in eval mode without grad;
+    backward then goes through an op with no autograd kernel and LoRA gradients come out wrong (measured 106%
+    off) with only a warning. Every process that trains on CPU must call this right after loading.
+    Returns how many modules were changed.
+    """
+    import bitsandbytes as bnb
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+def lora_targets(model, lora: LoraSpec) -> list[str]:
+    """Module names LoRA attaches to: an explicit list, or every 4-bit linear layer's name but lm_head.
+
+    As in the recipe, names are the last component (q_proj, ..., down_proj); an unquantized model falls back to
+    every nn.Linear.
+    """
+    if isinstance(lora.target_modules, list):
+        return list(lora.target_modules)
+    import bitsandbytes as bnb
+
+    quantized = any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    kind = bnb.nn.Linear4bit if quantized else torch.nn.Linear
+    names = {name.split(".")[-1] for name, module in model.named_modules() if isinstance(module, kind)}
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def lora_config(lora: LoraSpec, targets: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+        target_modules=targets,
+        modules_to_save=list(lora.modules_to_save) or None,
+    )
+
+
+def load_adapter_model(base_path: str, adapter_path: str, spec: JobSpec, device: str | torch.device):
+    """Base (as trained: 4-bit when the spec says so) plus a PEFT adapter, ready for inference."""
+    from peft import PeftModel
+
+    model = load_model(base_path, spec, device, training=False)
+    model = PeftModel.from_pretrained(model, adapter_path)
+    model.eval()
+    return model

@@ -1,0 +1,183 @@
+"""The files a run leaves in <output.dir>/<output.name>/: spec, metrics, plots, the exported adapter.
+
+Driver-side and controller-side only (no training here): `train` and `tune` call these at their edges.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from ray_sft.spec import JobSpec, to_yaml
+
+METRICS = "metrics.jsonl"
+RAY_RUN = "ray_run.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja")
+
+
+def write_spec(run_dir: Path, spec: JobSpec) -> None:
+    # The spec holds names of environment variables, never their values: it is safe to write as is.
+    (run_dir / "spec.yaml").write_text(to_yaml(spec), encoding="utf-8")
+
+
+def ray_run_name(run_dir: Path, resume: bool) -> str:
+    """Ray Train's run name: new for a fresh run, the recorded one for --resume."""
+    record = run_dir / RAY_RUN
+    if resume:
+        if not record.is_file():
+            raise FileNotFoundError(f"--resume: {run_dir} has no interrupted run to resume ({RAY_RUN} missing)")
+        return json.loads(record.read_text())["name"]
+    name = f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 1_000_000:06d}"
+    record.write_text(json.dumps({"name": name}))
+    return name
+
+
+def reset_run_outputs(run_dir: Path) -> None:
+    """A fresh run replaces the metrics and audit files of an earlier run in the same folder."""
+    (run_dir / METRICS).unlink(missing_ok=True)
+    (run_dir / ".crash-injected").unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "shards", ignore_errors=True)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def progress_line(metrics: dict, started: float) -> str:
+    step, total = metrics.get("step", 0), metrics.get("max_steps", 0)
+    if "train_runtime" in metrics:  # HF's end-of-training summary
+        return (f"[ray-sft] done: {step} steps in {metrics['train_runtime']:.0f}s, "
+                f"mean train loss {metrics.get('train_loss', math.nan):.4f}")
+    elapsed = time.monotonic() - started
+    eta = elapsed / step * (total - step) if step else math.nan
+    parts = [f"step {step}/{total}"]
+    if "loss" in metrics:
+        parts.append(f"loss {metrics['loss']:.4f}")
+    if "eval_loss" in metrics:
+        parts.append(f"eval_loss {metrics['eval_loss']:.4f}")
+    if "tokens_per_s" in metrics:
+        parts.append(f"{metrics['tokens_per_s']:.0f} tok/s")
+    parts.append(f"ETA {eta:.0f}s" if eta == eta else "ETA ?")
+    return "[ray-sft] " + " | ".join(parts)
+
+
+def _user_callback_base():
+    from ray.train import UserCallback
+
+    return UserCallback
+
+
+class MetricsCallback(_user_callback_base()):
+    """Runs in the Ray Train controller: appends rank 0's report to metrics.jsonl and prints a progress line."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.started = time.monotonic()
+
+    def after_report(self, run_context, metrics, checkpoint):
+        record = dict(metrics[0])
+        record["time"] = time.time()
+        if checkpoint is not None:
+            record["checkpoint"] = checkpoint.path
+        with open(Path(self.run_dir) / METRICS, "a", encoding="utf-8") as out:
+            out.write(json.dumps(record) + "\n")
+        print(progress_line(record, self.started), flush=True)
+
+
+def export_adapter(checkpoint, run_dir: Path, spec: JobSpec, base_model: str, metrics: dict,
+                   target: Path | None = None) -> Path:
+    """Copy the adapter + tokenizer out of a Ray checkpoint into `target` (default <run>/adapter) with a card."""
+    target = Path(target or run_dir / "adapter")
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    with checkpoint.as_directory() as source:
+        source = Path(source)
+        missing = [f for f in ADAPTER_FILES if not (source / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"checkpoint {checkpoint.path} has no {', '.join(missing)}")
+        staging.mkdir(parents=True)
+        for name in ADAPTER_FILES + TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, staging / name)
+    _point_adapter_at_base(staging / "adapter_config.json", spec, base_model)
+    (staging / "README.md").write_text(model_card(spec, base_model, metrics), encoding="utf-8")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)  # readers never see a half-written adapter
+    return target
+
+
+def _point_adapter_at_base(config_path: Path, spec: JobSpec, base_model: str) -> None:
+    """Record the base the adapter was trained on (Hub id, or the resolved local path for tiny/local models)."""
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base_model
+    config["revision"] = spec.model.revision
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def model_card(spec: JobSpec, base_model: str, metrics: dict) -> str:
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "max_steps"}
+    lines = [
+        "---",
+        f"base_model: {spec.model.name_or_path if spec.model.name_or_path != 'tiny' else base_model}",
+        "library_name: peft",
+        "tags: [qlora, sft, ray_sft]",
+        "---",
+        f"# {spec.output.name}",
+        "",
+        f"QLoRA adapter trained by ray_sft on `{spec.data.source}`"
+        + (f" (first {spec.data.max_rows} rows)" if spec.data.max_rows else "") + ".",
+        "",
+        f"- Base model: `{base_model}`",
+        f"- Quantization: 4-bit {spec.quantization.quant_type}, double quant {spec.quantization.double_quant}, "
+        f"compute {spec.quantization.compute_dtype}" if spec.quantization.load_in_4bit else "- Base in full precision",
+        f"- LoRA: r={spec.lora.r}, alpha={spec.lora.alpha:g}, dropout={spec.lora.dropout:g}, "
+        f"modules_to_save={spec.lora.modules_to_save}",
+        f"- Prompt template: `{spec.prompt.template}`; inference template: `{spec.prompt.inference_template}`",
+        "",
+        "## Final metrics",
+        "",
+        *[f"- {k}: {v:.6g}" for k, v in sorted(shown.items())],
+        "",
+        "## Resolved job spec",
+        "",
+        "```yaml",
+        to_yaml(spec).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_loss(run_dir: Path) -> Path | None:
+    """loss.png: train and eval loss against step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(Path(run_dir).name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = Path(run_dir) / "loss.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

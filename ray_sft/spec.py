@@ -1,0 +1,504 @@
+"""The job spec: one typed, validated description of a run, loaded from YAML.
+
+Every default lives here, in the dataclasses below. A YAML file only states what differs from them; `k=v`
+overrides are applied to the YAML before validation, so a field is validated once, whatever set it. Validation
+collects every error (dotted path and reason) before failing. This module imports neither torch nor ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from ray_sft.templates import INFERENCE_TEMPLATES, TRAIN_TEMPLATES
+
+
+class SpecError(ValueError):
+    """A spec that failed validation; `errors` holds one 'dotted.path: reason' line per problem."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("invalid job spec:\n" + "\n".join(f"  {e}" for e in errors))
+
+
+def _check(predicate, reason: str):
+    return {"check": (predicate, reason)}
+
+
+POSITIVE = _check(lambda v: v > 0, "must be > 0")
+NON_NEGATIVE = _check(lambda v: v >= 0, "must be >= 0")
+PROBABILITY = _check(lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+@dataclass
+class ModelSpec:
+    # Hub id, local HF folder, or "tiny" for the offline tiny model built from the bundled data.
+    name_or_path: str = "llm-jp/llm-jp-3-1.8b"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DataSpec:
+    # Hub dataset id, or a local .json/.jsonl/.csv/.parquet file (relative paths: to the spec file's folder).
+    source: str = "llm-jp/databricks-dolly-15k-ja"
+    split: str = "train"
+    max_rows: Optional[int] = field(default=None, metadata=POSITIVE)
+    eval_rows: int = field(default=0, metadata=NON_NEGATIVE)
+    seed: int = 42
+    # error: fail naming each bad row; skip: drop and count them; truncate: fail on malformed rows as `error`
+    # does, but keep over-long rows cut at training.max_length (what the recipe's SFTTrainer did silently).
+    on_bad_rows: Literal["error", "skip", "truncate"] = "error"
+
+
+@dataclass
+class PromptSpec:
+    template: str = "recipe"
+    inference_template: str = "recipe"
+    append_eos: bool = True
+
+
+@dataclass
+class QuantizationSpec:
+    load_in_4bit: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+@dataclass
+class LoraSpec:
+    r: int = field(default=8, metadata=POSITIVE)
+    alpha: float = field(default=16, metadata=POSITIVE)
+    dropout: float = field(default=0.05, metadata=PROBABILITY)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    # "all-linear": every 4-bit (or, unquantized, every nn.Linear) module name except lm_head; or explicit names.
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    modules_to_save: list[str] = field(default_factory=lambda: ["embed_tokens"])
+
+
+@dataclass
+class TrainingSpec:
+    epochs: float = field(default=3, metadata=POSITIVE)
+    max_steps: int = -1  # > 0 overrides epochs
+    per_device_batch_size: int = field(default=4, metadata=POSITIVE)
+    gradient_accumulation_steps: int = field(default=16, metadata=POSITIVE)
+    learning_rate: float = field(default=2e-4, metadata=POSITIVE)
+    lr_scheduler: str = "cosine"
+    weight_decay: float = field(default=0.01, metadata=NON_NEGATIVE)
+    # An int counts steps; a float below 1 is a fraction of the run (transformers' own rule).
+    warmup_steps: float = field(default=100, metadata=NON_NEGATIVE)
+    optimizer: str = "adamw_torch_fused"
+    # "auto": bf16 where the device supports it (CUDA with bf16, or a CPU with AVX512-BF16 never: fp32 there).
+    bf16: Union[bool, Literal["auto"]] = "auto"
+    group_by_length: bool = True
+    logging_steps: int = field(default=20, metadata=POSITIVE)
+    eval_steps: int = field(default=20, metadata=POSITIVE)
+    save_steps: int = field(default=20, metadata=POSITIVE)
+    save_total_limit: int = field(default=3, metadata=POSITIVE)
+    max_length: int = field(default=1024, metadata=POSITIVE)
+    packing: bool = False
+    neftune_noise_alpha: Optional[float] = field(default=5, metadata=POSITIVE)
+    gradient_checkpointing: bool = True
+    auto_find_batch_size: bool = False
+    seed: int = 42
+
+
+@dataclass
+class CrashSpec:
+    """Fault injection for recovery tests: `rank` exits the process at optimizer step `step`, once per run."""
+
+    rank: int = field(default=0, metadata=NON_NEGATIVE)
+    step: int = field(default=1, metadata=POSITIVE)
+
+
+@dataclass
+class ScalingSpec:
+    num_workers: int = field(default=1, metadata=POSITIVE)
+    use_gpu: Union[bool, Literal["auto"]] = "auto"
+    cpus_per_worker: float = field(default=1, metadata=POSITIVE)
+    gpus_per_worker: float = field(default=1, metadata=POSITIVE)
+    max_failures: int = field(default=0, metadata=NON_NEGATIVE)
+    # Where Ray Train keeps checkpoints: a local folder or a pyarrow filesystem URI (s3://, gs://, ...).
+    # Default: <output.dir>/<output.name>/ray.
+    storage_path: Optional[str] = None
+    crash: Optional[CrashSpec] = None
+
+
+@dataclass
+class SchedulerSpec:
+    type: Literal["asha", "none", "pbt"] = "asha"
+    grace_period: int = field(default=1, metadata=POSITIVE)  # in reports (eval steps)
+    reduction_factor: float = field(default=2, metadata=_check(lambda v: v > 1, "must be > 1"))
+    perturbation_interval: int = field(default=2, metadata=POSITIVE)  # PBT only
+
+
+@dataclass
+class TuneSpec:
+    # dotted spec path -> {choice: [...]} | {grid: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]}
+    search_space: dict[str, dict[str, list]] = field(default_factory=dict)
+    num_samples: int = field(default=1, metadata=POSITIVE)
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    search_alg: Literal["random", "optuna"] = "random"
+    max_concurrent_trials: Optional[int] = field(default=None, metadata=POSITIVE)
+    # Per-trial resources; None: derived from the cluster (see tune.trial_resources).
+    gpus_per_trial: Optional[float] = field(default=None, metadata=POSITIVE)
+    cpus_per_trial: Optional[float] = field(default=None, metadata=POSITIVE)
+
+
+@dataclass
+class AutoscalingSpec:
+    min_replicas: int = field(default=1, metadata=POSITIVE)
+    max_replicas: int = field(default=1, metadata=POSITIVE)
+    target_ongoing_requests: float = field(default=4, metadata=POSITIVE)
+
+
+@dataclass
+class GenerationSpec:
+    """The recipe's decoding, shared by `generate` and `serve`."""
+
+    max_new_tokens: int = field(default=100, metadata=POSITIVE)
+    do_sample: bool = False
+    temperature: float = field(default=1.0, metadata=POSITIVE)
+    top_p: float = field(default=1.0, metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    repetition_penalty: float = field(default=1.2, metadata=POSITIVE)
+    sample_prompts: list[str] = field(default_factory=lambda: ["時間管理能力をあげるには?"])
+
+
+@dataclass
+class ServeSpec:
+    host: str = "127.0.0.1"
+    port: int = field(default=8000, metadata=_check(lambda v: 0 < v < 65536, "must be a TCP port"))
+    # Name of the environment variable holding the API key; required when host is not loopback.
+    api_key_env: Optional[str] = None
+    merge: bool = False
+    autoscaling: AutoscalingSpec = field(default_factory=AutoscalingSpec)
+    cpus_per_replica: float = field(default=1, metadata=POSITIVE)
+    gpus_per_replica: float = field(default=0, metadata=NON_NEGATIVE)
+    max_batch_size: int = field(default=8, metadata=POSITIVE)
+    batch_wait_timeout_s: float = field(default=0.02, metadata=NON_NEGATIVE)
+    max_prompt_tokens: int = field(default=1024, metadata=POSITIVE)
+    max_tokens_limit: int = field(default=512, metadata=POSITIVE)
+    max_adapters_per_replica: int = field(default=4, metadata=POSITIVE)
+
+
+@dataclass
+class OutputSpec:
+    dir: str = "runs"
+    name: Optional[str] = None  # default: the spec file's stem
+    hub_repo: Optional[str] = None  # where `ray-sft push` publishes the adapter
+    hub_private: bool = True
+
+
+@dataclass
+class JobSpec:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    prompt: PromptSpec = field(default_factory=PromptSpec)
+    quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    scaling: ScalingSpec = field(default_factory=ScalingSpec)
+    tune: TuneSpec = field(default_factory=TuneSpec)
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    serve: ServeSpec = field(default_factory=ServeSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / self.output.name
+
+    @property
+    def storage_path(self) -> str:
+        return self.scaling.storage_path or str((self.run_dir / "ray").resolve())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building a spec from plain data
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(tp, value, path: str, errors: list[str]):
+    """Return `value` as type `tp`, or record an error and return None."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{path}: must be a mapping")
+            return None
+        return _build(tp, value, path, errors)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            errors.append(f"{path}: must not be empty")
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            trial: list[str] = []
+            converted = _convert(arg, value, path, trial)
+            if not trial:
+                return converted
+        if len([a for a in args if a is not type(None)]) == 1:
+            errors.extend(trial)
+        else:
+            errors.append(f"{path}: {value!r} is not one of: " + ", ".join(_describe(a) for a in args))
+        return None
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        errors.append(f"{path}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return None
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            errors.append(f"{path}: must be a list")
+            return None
+        return [_convert(item_tp, v, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            errors.append(f"{path}: must be a mapping")
+            return None
+        return {k: _convert(value_tp, v, f"{path}.{k}", errors) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is list:
+        if isinstance(value, list):
+            return value
+        errors.append(f"{path}: must be a list")
+        return None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+            try:
+                number = float(value)
+                if math.isfinite(number):
+                    return number
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    errors.append(f"{path}: {value!r} is not a valid {_type_name(tp)}")
+    return None
+
+
+def _describe(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return _type_name(tp)
+
+
+def _build(cls, data: dict, path: str, errors: list[str]):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            errors.append(f"{path}{key}: unknown field (known: {', '.join(fields)})" if not path
+                          else f"{path}.{key}: unknown field (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        sub = f"{path}.{name}" if path else name
+        errors_before = len(errors)
+        value = _convert(hints[name], data[name], sub, errors)
+        if len(errors) == errors_before and value is not None and "check" in f.metadata:
+            predicate, reason = f.metadata["check"]
+            if not predicate(value):
+                errors.append(f"{sub}: {reason}")
+        kwargs[name] = value
+    try:
+        obj = cls(**{k: v for k, v in kwargs.items() if v is not None or _optional(hints[k])})
+    except TypeError as exc:  # pragma: no cover - every field has a default
+        errors.append(f"{path}: {exc}")
+        return None
+    return obj
+
+
+def _optional(tp) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cross-field rules (those a single field's type cannot express)
+
+DISTRIBUTIONS = {"choice", "grid", "uniform", "loguniform", "randint"}
+
+
+def field_paths(cls=JobSpec, prefix: str = "") -> dict[str, Any]:
+    """Every leaf field of the spec as dotted path -> type (what tune may search over)."""
+    paths = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        dotted = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            paths.update(field_paths(tp, dotted + "."))
+        else:
+            paths[dotted] = tp
+    return paths
+
+
+def _search_space_errors(space: dict[str, dict[str, list]]) -> list[str]:
+    errors = []
+    leaves = field_paths()
+    for key, dist in space.items():
+        where = f"tune.search_space.{key}"
+        if key.startswith("tune.") or key not in leaves:
+            errors.append(f"{where}: not a searchable spec field")
+        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+            errors.append(f"{where}: must be one of {{{', '.join(sorted(DISTRIBUTIONS))}: [...]}}")
+            continue
+        kind, args = next(iter(dist.items()))
+        if not args:
+            errors.append(f"{where}.{kind}: needs values")
+        elif kind in ("uniform", "loguniform", "randint"):
+            if len(args) != 2 or not all(isinstance(a, (int, float)) for a in args) or not args[0] < args[1]:
+                errors.append(f"{where}.{kind}: must be [low, high] with low < high")
+            elif kind == "loguniform" and args[0] <= 0:
+                errors.append(f"{where}.loguniform: bounds must be > 0")
+    return errors
+
+
+def _cross_field_errors(spec: JobSpec) -> list[str]:
+    errors = []
+    if spec.prompt.template not in TRAIN_TEMPLATES and "{instruction}" not in spec.prompt.template:
+        errors.append(f"prompt.template: {spec.prompt.template!r} is neither a named template "
+                      f"({', '.join(TRAIN_TEMPLATES)}) nor a string with {{instruction}} and {{response}}")
+    elif spec.prompt.template not in TRAIN_TEMPLATES and "{response}" not in spec.prompt.template:
+        errors.append("prompt.template: a custom template needs {response}")
+    inference = spec.prompt.inference_template
+    if inference not in INFERENCE_TEMPLATES and "{instruction}" not in inference:
+        errors.append(f"prompt.inference_template: {inference!r} is neither a named template "
+                      f"({', '.join(INFERENCE_TEMPLATES)}) nor a string with {{instruction}}")
+    t = spec.training
+    if t.save_steps % t.eval_steps != 0:
+        errors.append("training.save_steps: must be a multiple of training.eval_steps "
+                      "(a checkpoint is ranked by the eval_loss measured at its step)")
+    if spec.scaling.crash is not None and spec.scaling.crash.rank >= spec.scaling.num_workers:
+        errors.append("scaling.crash.rank: must be < scaling.num_workers")
+    if spec.serve.autoscaling.max_replicas < spec.serve.autoscaling.min_replicas:
+        errors.append("serve.autoscaling.max_replicas: must be >= serve.autoscaling.min_replicas")
+    if spec.tune.search_alg == "optuna" and any("grid" in d for d in spec.tune.search_space.values()):
+        errors.append("tune.search_alg: optuna cannot sample grid dimensions")
+    errors += _search_space_errors(spec.tune.search_space)
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Overrides, loading, dumping
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'training.learning_rate=1e-3' -> ('training.learning_rate', 0.001); values are parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise SpecError([f"{text}: overrides look like section.field=value"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise SpecError([f"{key}: cannot parse {raw!r} ({exc.problem})"]) from None
+    return key.strip(), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of `data` with each `a.b.c=value` set (creating sections as needed)."""
+    return set_values(data, dict(parse_override(text) for text in overrides))
+
+
+def set_values(data: dict, values: dict[str, Any]) -> dict:
+    """Return a copy of `data` with each dotted path set to its value."""
+    data = _deep_copy(data)
+    for key, value in values.items():
+        # A search-space key is itself dotted: everything after `tune.search_space.` is one key.
+        if key.startswith("tune.search_space."):
+            parts = ["tune", "search_space", key.removeprefix("tune.search_space.")]
+        else:
+            parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError([f"{key}: {part} is not a section"])
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _deep_copy(data):
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def from_dict(data: dict, default_name: str = "job") -> JobSpec:
+    """Validate plain data into a JobSpec, raising SpecError with every problem found."""
+    if not isinstance(data, dict):
+        raise SpecError(["<spec>: must be a mapping of sections"])
+    errors: list[str] = []
+    spec = _build(JobSpec, data, "", errors)
+    if errors:
+        raise SpecError(errors)
+    if spec.output.name is None:
+        spec.output.name = default_name
+    errors = _cross_field_errors(spec)
+    if errors:
+        raise SpecError(errors)
+    return spec
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> JobSpec:
+    """Load a YAML job spec, apply overrides, resolve relative data paths against the spec's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError([f"{path}: no such spec file"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise SpecError([f"{path}: not valid YAML ({exc})"]) from None
+    spec = from_dict(apply_overrides(data, list(overrides)), default_name=path.stem)
+    spec.data.source = _resolve_local(spec.data.source, path.parent)
+    return spec
+
+
+def _resolve_local(source: str, base: Path) -> str:
+    candidate = base / source
+    if not Path(source).is_absolute() and candidate.exists():
+        return str(candidate.resolve())
+    return source
+
+
+def to_dict(spec: JobSpec) -> dict:
+    return dataclasses.asdict(spec)
+
+
+def to_yaml(spec: JobSpec) -> str:
+    return yaml.safe_dump(to_dict(spec), sort_keys=False, allow_unicode=True)
+
+
+def with_values(spec: JobSpec, values: dict[str, Any]) -> JobSpec:
+    """A new validated spec with dotted-path values set (how tune builds each trial's spec)."""
+    return from_dict(set_values(to_dict(spec), values), default_name=spec.output.name)

@@ -1,0 +1,369 @@
+"""QLoRA SFT: one training code path for a plain run, a tune trial, 1 or N workers, CPU or GPU.
+
+Read top-down: `sft_config` maps the spec onto TRL's SFTConfig, `build_trainer` makes the SFTTrainer every
+process uses, `train_worker` is what each Ray Train worker runs, and `fit` (driver side) builds the TorchTrainer,
+runs it and exports the adapter. The driver-side pieces that touch the run folder live in `ray_sft.run_files`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray_sft import run_files
+from ray_sft.spec import JobSpec, from_dict, to_dict
+
+log = logging.getLogger(__name__)
+
+SHARDS_DIR = "shards"  # per-rank audit of the rows each worker was given and trained on
+CRASH_MARKER = ".crash-injected"
+
+
+class TrainError(RuntimeError):
+    """A run that could not start or did not finish; the message says why and what was kept."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Spec -> TRL
+
+
+def use_bf16(spec: JobSpec, device_type: str) -> bool:
+    import torch
+
+    if spec.training.bf16 == "auto":
+        return device_type == "cuda" and torch.cuda.is_bf16_supported()
+    return bool(spec.training.bf16)
+
+
+def sft_config(spec: JobSpec, output_dir: str, device_type: str, has_eval: bool, max_steps: int | None = None):
+    """The spec's training section as TRL's SFTConfig (current TRL names for the recipe's arguments)."""
+    from trl import SFTConfig
+
+    t = spec.training
+    cpu = device_type == "cpu"
+    return SFTConfig(
+        output_dir=output_dir,
+        num_train_epochs=t.epochs,
+        max_steps=max_steps if max_steps is not None else t.max_steps,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        weight_decay=t.weight_decay,
+        warmup_steps=int(t.warmup_steps) if t.warmup_steps >= 1 else t.warmup_steps,
+        optim=t.optimizer,
+        bf16=use_bf16(spec, device_type),
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        auto_find_batch_size=t.auto_find_batch_size,
+        max_length=t.max_length,
+        packing=t.packing,
+        neftune_noise_alpha=t.neftune_noise_alpha,
+        gradient_checkpointing=t.gradient_checkpointing,
+        # Non-reentrant checkpointing avoids DDP's "marked ready twice" error with LoRA.
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        dataset_text_field="text",
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to="none",
+        # Without use_cpu, accelerate sees a CPU process group as "not distributed": no DDP wrapper, no gradient
+        # sync, and every rank silently trains its own copy.
+        use_cpu=cpu,
+        ddp_backend="gloo" if cpu else None,
+        ddp_find_unused_parameters=False,
+        dataloader_pin_memory=not cpu,
+        disable_tqdm=True,
+        save_only_model=False,
+    )
+
+
+def _sharded_trainer_class():
+    """SFTTrainer whose train loader keeps this rank's Ray shard whole and records the rows it yields.
+
+    Ray Data already gave each worker its own disjoint shard; accelerate would shard it again under DDP and
+    each rank would silently train on half of its rows. Making the prepared batch sampler a passthrough is
+    the same fix transformers applies to its own rank-aware sampler.
+    """
+    from trl import SFTTrainer
+
+    class _Trainer(SFTTrainer):
+        def __init__(self, *args, presharded: bool, **kwargs):
+            self.presharded = presharded
+            self.trained_indices: list[list[int]] = []  # one list per pass over the loader (epoch)
+            super().__init__(*args, **kwargs)
+
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            return None if sampler is None else _RecordingSampler(sampler, self.trained_indices)
+
+        def get_train_dataloader(self):
+            loader = super().get_train_dataloader()
+            shard = getattr(loader, "batch_sampler", None)
+            if self.presharded and shard is not None and hasattr(shard, "num_processes"):
+                shard.num_processes, shard.process_index = 1, 0
+            return loader
+
+    return _Trainer
+
+
+class _RecordingSampler:
+    """Yields the wrapped sampler's indices unchanged, recording each epoch's order."""
+
+    def __init__(self, sampler, record: list[list[int]]):
+        self.sampler, self.record = sampler, record
+
+    def __iter__(self):
+        epoch: list[int] = []
+        self.record.append(epoch)
+        for index in self.sampler:
+            epoch.append(index)
+            yield index
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int):
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+
+def build_trainer(spec: JobSpec, model_path: str, tokenizer, train_rows: list[dict], eval_rows: list[dict],
+                  device, output_dir: str, callbacks=(), presharded: bool = False):
+    """Model on `device` (4-bit per the spec), LoRA from the spec, and the SFTTrainer that trains it."""
+    import datasets
+    import torch
+
+    from ray_sft import modeling
+
+    model = modeling.load_model(model_path, spec, device, training=True)
+    targets = modeling.lora_targets(model, spec.lora)
+    texts = lambda rows: datasets.Dataset.from_dict({"text": [r["text"] for r in rows]})  # noqa: E731
+    return _sharded_trainer_class()(
+        model=model,
+        args=sft_config(spec, output_dir, torch.device(device).type, has_eval=bool(eval_rows)),
+        train_dataset=texts(train_rows),
+        eval_dataset=texts(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=modeling.lora_config(spec.lora, targets),
+        callbacks=list(callbacks),
+        presharded=presharded,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Worker side
+
+
+def _report_callback_class():
+    from transformers import TrainerCallback
+
+    class RayReport(TrainerCallback):
+        """Reports each logging step to Ray Train (with the checkpoint on save steps) and injects test crashes.
+
+        HF logs train metrics, then eval metrics, then saves, all at one step: they are merged into one report
+        per step so every rank calls ray.train.report the same number of times.
+        """
+
+        def __init__(self, run_dir: str, crash, rank: int):
+            self.run_dir, self.crash, self.rank = run_dir, crash, rank
+            self.pending: dict = {}
+            self.last_time, self.last_tokens = time.monotonic(), 0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.pending.update({k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))})
+            waiting_for_eval = control.should_evaluate and "eval_loss" not in self.pending
+            if not waiting_for_eval and not control.should_save:
+                self._report(state, checkpoint_dir=None)
+
+        def on_save(self, args, state, control, **kwargs):
+            checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            self._report(state, checkpoint_dir if state.is_world_process_zero else None)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:  # the final step always evaluates and saves
+                control.should_save = True
+                control.should_evaluate = args.eval_strategy != "no"
+            if self.crash and self.rank == self.crash.rank and state.global_step == self.crash.step:
+                marker = Path(self.run_dir) / CRASH_MARKER
+                if not marker.exists():
+                    marker.write_text(f"rank {self.rank} exited at step {state.global_step}\n")
+                    os._exit(17)
+
+        def _report(self, state, checkpoint_dir):
+            import ray.train
+
+            metrics = {k: v for k, v in self.pending.items() if k != "total_flos"}
+            self.pending = {}
+            now, tokens = time.monotonic(), metrics.get("num_tokens", self.last_tokens)
+            if tokens > self.last_tokens:
+                metrics["tokens_per_s"] = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+                self.last_time, self.last_tokens = now, tokens
+            metrics.update(step=state.global_step, max_steps=state.max_steps)
+            checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    return RayReport
+
+
+def train_worker(config: dict) -> None:
+    """Runs in every Ray Train worker: its device, its shard, the shared SFTTrainer, checkpoints to Ray."""
+    import ray.train
+    import torch
+
+    from ray_sft import modeling
+
+    spec = from_dict(config["spec"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    # One compute thread per CPU granted: oversubscribing 2 cores made one step 80x slower.
+    torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    tokenizer = modeling.load_tokenizer(config["model_path"], spec.model)
+    train_rows = list(ray.train.get_dataset_shard("train").iter_rows())
+    eval_shard = ray.train.get_dataset_shard("eval") if config["has_eval"] else None
+    eval_rows = list(eval_shard.iter_rows()) if eval_shard else []
+
+    with tempfile.TemporaryDirectory(prefix="ray_sft-worker-") as output_dir:
+        resume_from = _restore_checkpoint(output_dir)
+        trainer = build_trainer(
+            spec, config["model_path"], tokenizer, train_rows, eval_rows, device, output_dir,
+            callbacks=[_report_callback_class()(config["run_dir"], spec.scaling.crash, rank)],
+            presharded=context.get_world_size() > 1)
+        trainer.train(resume_from_checkpoint=resume_from)
+        _write_shard_audit(config["run_dir"], rank, train_rows, trainer.trained_indices)
+
+
+def _restore_checkpoint(output_dir: str) -> str | None:
+    """Copy Ray's latest checkpoint (after a worker failure or --resume) where HF's Trainer resumes from it."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as source:
+        state = json.loads((Path(source) / "trainer_state.json").read_text())
+        target = Path(output_dir) / f"checkpoint-{state['global_step']}"
+        shutil.copytree(source, target)
+    return str(target)
+
+
+def _write_shard_audit(run_dir: str, rank: int, rows: list[dict], trained_indices: list[list[int]]) -> None:
+    folder = Path(run_dir) / SHARDS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    audit = {"assigned": [r["row"] for r in rows],
+             "trained_per_epoch": [[rows[i]["row"] for i in epoch] for epoch in trained_indices if epoch]}
+    (folder / f"rank-{rank}.json").write_text(json.dumps(audit))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver side
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: Path
+    adapter_dir: Path
+    metrics: dict
+    checkpoint_path: str
+
+
+def worker_resources(spec: JobSpec, cluster: dict) -> tuple[bool, dict]:
+    """(use_gpu, resources per worker) from the spec and what the cluster has."""
+    s = spec.scaling
+    use_gpu = cluster.get("GPU", 0) > 0 if s.use_gpu == "auto" else s.use_gpu
+    resources = {"CPU": s.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    return use_gpu, resources
+
+
+def check_fits(spec: JobSpec, resources: dict, cluster: dict) -> None:
+    """Fail fast instead of waiting forever for resources the cluster does not have."""
+    n = spec.scaling.num_workers
+    for name, amount in resources.items():
+        need, have = n * amount, cluster.get(name, 0)
+        if need > have + 1e-9:
+            raise TrainError(f"scaling: {n} worker(s) x {amount} {name} = {need:g} {name} needed, "
+                             f"but the Ray cluster has {have:g} {name} in total")
+
+
+def fit(spec: JobSpec, resume: bool = False, trial: bool = False) -> TrainOutcome:
+    """Run distributed QLoRA SFT for `spec` on the connected Ray cluster and export the final adapter.
+
+    With `trial=True` (inside a Ray Tune trial) each Ray Train report is also forwarded to Tune.
+    """
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ray_sft import data, modeling
+
+    run_dir = spec.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_path = modeling.resolve_model_path(spec)
+    tokenizer = modeling.load_tokenizer(model_path, spec.model)
+    examples = data.load_examples(spec, tokenizer)
+    cluster = ray.cluster_resources()
+    use_gpu, resources = worker_resources(spec, cluster)
+    check_fits(spec, resources, cluster)
+
+    run_name = run_files.ray_run_name(run_dir, resume)
+    run_files.write_spec(run_dir, spec)
+    if not resume:
+        run_files.reset_run_outputs(run_dir)
+    callbacks = [run_files.MetricsCallback(str(run_dir))]
+    if trial:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    datasets_ = {"train": ray.data.from_items(examples.train)}
+    if examples.eval:
+        datasets_["eval"] = ray.data.from_items(examples.eval)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"spec": to_dict(spec), "model_path": model_path, "run_dir": str(run_dir),
+                           "has_eval": bool(examples.eval), "cpus_per_worker": spec.scaling.cpus_per_worker},
+        scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        # Only the train set is split (Ray Data, equal shards); every worker evaluates on the whole eval set,
+        # which accelerate shards and gathers itself.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        datasets=datasets_,
+        run_config=RunConfig(
+            name=run_name, storage_path=spec.storage_path, callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.training.save_total_limit)),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainError(f"training failed after {spec.scaling.max_failures} allowed restart(s): "
+                         f"{_root_cause(exc)}\ncheckpoints written so far are kept under "
+                         f"{spec.storage_path}/{run_name}; continue with --resume") from None
+    if result.checkpoint is None:
+        raise TrainError("training finished without a checkpoint to export")
+    adapter_dir = run_files.export_adapter(result.checkpoint, run_dir, spec, model_path, result.metrics)
+    run_files.plot_loss(run_dir)
+    return TrainOutcome(run_dir, adapter_dir, dict(result.metrics), result.checkpoint.path)
+
+
+def _root_cause(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
