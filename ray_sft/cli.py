@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_args(train)
     _address_arg(train)
     train.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint")
+
+    tune = verbs.add_parser("tune", help="hyperparameter search on Ray Tune (the spec's tune section)")
+    _spec_args(tune)
+    _address_arg(tune)
+    tune.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials stay")
     return parser
 
 
@@ -76,7 +81,29 @@ def cmd_train(args) -> int:
     return 0
 
 
-VERBS = {"validate": cmd_validate, "train": cmd_train}
+def cmd_tune(args) -> int:
+    from ray_sft import cluster, spec, train, tune
+
+    job = spec.load(args.spec, args.overrides)
+    tune.check(job)  # spec errors (exit 2) before connecting to Ray or starting any trial
+    try:
+        with cluster.connect(args.address):
+            outcome = tune.search(job, resume=args.resume)
+    except (tune.TuneError, train.TrainError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if outcome.best:
+        print(f"best: trial {outcome.best['trial_id']} {outcome.best['metric']}={outcome.best['value']:.4g} "
+              f"params {outcome.best['params']}")
+        print(f"adapter: {outcome.best['adapter']}")
+    if outcome.failed or not outcome.best:
+        print(f"error: {len(outcome.failed)} trial(s) failed ({', '.join(outcome.failed)}), "
+              f"{'no' if not outcome.best else 'a'} best adapter; continue with --resume", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+VERBS = {"validate": cmd_validate, "train": cmd_train, "tune": cmd_tune}
 
 if __name__ == "__main__":
     sys.exit(main())

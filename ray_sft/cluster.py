@@ -12,12 +12,19 @@ QUIET_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "fal
              "HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
 
+def embedded(address: str | None) -> bool:
+    """True when `connect(address)` will start a private local cluster rather than join one."""
+    return not address and not os.environ.get("RAY_ADDRESS")
+
+
 @contextlib.contextmanager
 def connect(address: str | None = None, num_cpus: int | None = None):
     """Yield with Ray initialised; shut down only what this call started.
 
     address None: inside a Ray job (RAY_ADDRESS set) join that cluster, else start a private local cluster
-    bound to 127.0.0.1 with its own temp dir, which never touches other Ray clusters on the machine.
+    with its own temp dir and no dashboard, which never touches other Ray clusters on the machine. (Ray 2.60
+    advertises the machine's routable address for its internal ports even when asked for 127.0.0.1; the
+    services ray_sft itself opens, such as Serve's HTTP port, bind 127.0.0.1 unless told otherwise.)
     """
     import ray
 
@@ -28,7 +35,7 @@ def connect(address: str | None = None, num_cpus: int | None = None):
         return
     temp_dir = None
     runtime_env = {"env_vars": {k: os.environ[k] for k in QUIET_ENV}}
-    if address or os.environ.get("RAY_ADDRESS"):
+    if not embedded(address):
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         # A short path: Ray's unix sockets live under it and have a ~100 character limit.

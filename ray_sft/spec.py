@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -161,6 +162,10 @@ class AutoscalingSpec:
     min_replicas: int = field(default=1, metadata=POSITIVE)
     max_replicas: int = field(default=1, metadata=POSITIVE)
     target_ongoing_requests: float = field(default=4, metadata=POSITIVE)
+    # Serve's own defaults; exposed so a deployment (and the autoscaling test) can react within seconds.
+    upscale_delay_s: float = field(default=30, metadata=NON_NEGATIVE)
+    downscale_delay_s: float = field(default=600, metadata=NON_NEGATIVE)
+    look_back_period_s: float = field(default=30, metadata=POSITIVE)
 
 
 @dataclass
@@ -403,11 +408,51 @@ def _cross_field_errors(spec: JobSpec) -> list[str]:
     if spec.tune.search_alg == "optuna" and any("grid" in d for d in spec.tune.search_space.values()):
         errors.append("tune.search_alg: optuna cannot sample grid dimensions")
     errors += _search_space_errors(spec.tune.search_space)
+    if not errors:  # probed only once the rest is valid, or each probe would repeat the other errors
+        errors += _search_value_errors(spec)
     return errors
+
+
+def _search_value_errors(spec: JobSpec) -> list[str]:
+    """Every value a trial may draw must give a valid spec: caught before the search, not inside a trial."""
+    errors = []
+    data = set_values(to_dict(spec), {"tune.search_space": {}})
+    for key, dist in spec.tune.search_space.items():
+        kind, args = next(iter(dist.items()))
+        for value in _probe_values(kind, args):
+            try:
+                from_dict(set_values(data, {key: value}))
+            except SpecError as exc:
+                errors += [f"tune.search_space.{key}.{kind}: value {value!r} gives {e}" for e in exc.errors]
+    return errors
+
+
+def _probe_values(kind: str, args: list) -> list:
+    """The listed values, or the ends of a range plus an inner point (a float: uniform draws floats)."""
+    if kind in ("choice", "grid"):
+        return list(args)
+    low, high = args
+    if kind == "randint":  # Tune's randint excludes `high`
+        return [low, high - 1]
+    inner = math.sqrt(low * high) if kind == "loguniform" else (low + high) / 2
+    return [low, high, float(inner)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Overrides, loading, dumping
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` (no dot) as a float, as YAML 1.2 does; PyYAML's 1.1 rules make it a string,
+    which would break numeric ranges such as `{loguniform: [1e-5, 1e-3]}`."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -416,7 +461,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise SpecError([f"{text}: overrides look like section.field=value"])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise SpecError([f"{key}: cannot parse {raw!r} ({exc.problem})"]) from None
     return key.strip(), value
@@ -461,6 +506,9 @@ def from_dict(data: dict, default_name: str = "job") -> JobSpec:
     errors: list[str] = []
     spec = _build(JobSpec, data, "", errors)
     if errors:
+        # The search space depends on no other field: report its errors now too (all errors at once).
+        if spec is not None and not any(e.startswith("tune.search_space") for e in errors):
+            errors += _search_space_errors(spec.tune.search_space)
         raise SpecError(errors)
     if spec.output.name is None:
         spec.output.name = default_name
@@ -476,7 +524,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> JobSpec:
     if not path.is_file():
         raise SpecError([f"{path}: no such spec file"])
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise SpecError([f"{path}: not valid YAML ({exc})"]) from None
     spec = from_dict(apply_overrides(data, list(overrides)), default_name=path.stem)

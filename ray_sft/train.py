@@ -45,8 +45,11 @@ def sft_config(spec: JobSpec, output_dir: str, device_type: str, has_eval: bool,
     """The spec's training section as TRL's SFTConfig (current TRL names for the recipe's arguments)."""
     from trl import SFTConfig
 
+    import torch.distributed as dist
+
     t = spec.training
     cpu = device_type == "cpu"
+    distributed = dist.is_available() and dist.is_initialized()
     return SFTConfig(
         output_dir=output_dir,
         num_train_epochs=t.epochs,
@@ -81,7 +84,7 @@ def sft_config(spec: JobSpec, output_dir: str, device_type: str, has_eval: bool,
         # Without use_cpu, accelerate sees a CPU process group as "not distributed": no DDP wrapper, no gradient
         # sync, and every rank silently trains its own copy.
         use_cpu=cpu,
-        ddp_backend="gloo" if cpu else None,
+        ddp_backend="gloo" if cpu and distributed else None,
         ddp_find_unused_parameters=False,
         dataloader_pin_memory=not cpu,
         disable_tqdm=True,
@@ -234,7 +237,8 @@ def train_worker(config: dict) -> None:
         torch.cuda.set_device(device)
 
     tokenizer = modeling.load_tokenizer(config["model_path"], spec.model)
-    train_rows = list(ray.train.get_dataset_shard("train").iter_rows())
+    every_row = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: r["row"])
+    train_rows = shard_rows(every_row, rank, context.get_world_size())
     eval_shard = ray.train.get_dataset_shard("eval") if config["has_eval"] else None
     eval_rows = list(eval_shard.iter_rows()) if eval_shard else []
 
@@ -245,7 +249,17 @@ def train_worker(config: dict) -> None:
             callbacks=[_report_callback_class()(config["run_dir"], spec.scaling.crash, rank)],
             presharded=context.get_world_size() > 1)
         trainer.train(resume_from_checkpoint=resume_from)
-        _write_shard_audit(config["run_dir"], rank, train_rows, trainer.trained_indices)
+        _write_shard_audit(config["run_dir"], rank, train_rows, trainer.trained_indices, trainer.model)
+
+
+def shard_rows(rows: list[dict], rank: int, world_size: int) -> list[dict]:
+    """This rank's rows: disjoint strided shards of equal size, so every rank runs the same number of steps.
+
+    Ray Data's streaming split with equal=True drops rows at block granularity (4 of 80 measured here), so each
+    worker reads the whole (small) train set and takes its own stride; at most world_size - 1 rows are left out.
+    """
+    per_rank = len(rows) // world_size
+    return rows[rank::world_size][:per_rank]
 
 
 def _restore_checkpoint(output_dir: str) -> str | None:
@@ -262,11 +276,25 @@ def _restore_checkpoint(output_dir: str) -> str | None:
     return str(target)
 
 
-def _write_shard_audit(run_dir: str, rank: int, rows: list[dict], trained_indices: list[list[int]]) -> None:
+def trainable_digest(model) -> str:
+    """SHA-256 of every trainable tensor: equal on all ranks exactly when DDP kept the replicas in sync."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.removeprefix("module.").encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _write_shard_audit(run_dir: str, rank: int, rows: list[dict], trained_indices: list[list[int]], model) -> None:
+    """<run>/shards/rank-N.json: the rows this rank was given, the rows it trained on, its final weights' digest."""
     folder = Path(run_dir) / SHARDS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     audit = {"assigned": [r["row"] for r in rows],
-             "trained_per_epoch": [[rows[i]["row"] for i in epoch] for epoch in trained_indices if epoch]}
+             "trained_per_epoch": [[rows[i]["row"] for i in epoch] for epoch in trained_indices if epoch],
+             "trainable_sha256": trainable_digest(model)}
     (folder / f"rank-{rank}.json").write_text(json.dumps(audit))
 
 
@@ -305,7 +333,8 @@ def check_fits(spec: JobSpec, resources: dict, cluster: dict) -> None:
 def fit(spec: JobSpec, resume: bool = False, trial: bool = False) -> TrainOutcome:
     """Run distributed QLoRA SFT for `spec` on the connected Ray cluster and export the final adapter.
 
-    With `trial=True` (inside a Ray Tune trial) each Ray Train report is also forwarded to Tune.
+    With `trial=True` (inside a Ray Tune trial) each Ray Train report that carries spec.tune.metric is also
+    forwarded to Tune.
     """
     import ray
     import ray.data
@@ -324,15 +353,17 @@ def fit(spec: JobSpec, resume: bool = False, trial: bool = False) -> TrainOutcom
     use_gpu, resources = worker_resources(spec, cluster)
     check_fits(spec, resources, cluster)
 
+    left_out = len(examples.train) % spec.scaling.num_workers
+    if left_out:
+        log.warning("%d of %d train rows left out per epoch so %d workers get equal shards",
+                    left_out, len(examples.train), spec.scaling.num_workers)
     run_name = run_files.ray_run_name(run_dir, resume)
     run_files.write_spec(run_dir, spec)
     if not resume:
         run_files.reset_run_outputs(run_dir)
     callbacks = [run_files.MetricsCallback(str(run_dir))]
     if trial:
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        callbacks.append(TuneReportCallback())
+        callbacks.append(_tune_report_callback(spec.tune.metric, spec.tune.mode))
     datasets_ = {"train": ray.data.from_items(examples.train)}
     if examples.eval:
         datasets_["eval"] = ray.data.from_items(examples.eval)
@@ -342,9 +373,9 @@ def fit(spec: JobSpec, resume: bool = False, trial: bool = False) -> TrainOutcom
                            "has_eval": bool(examples.eval), "cpus_per_worker": spec.scaling.cpus_per_worker},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
-        # Only the train set is split (Ray Data, equal shards); every worker evaluates on the whole eval set,
-        # which accelerate shards and gathers itself.
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # Every worker reads the whole train set and takes its own stride (shard_rows); every worker evaluates
+        # on the whole eval set, which accelerate shards and gathers itself.
+        dataset_config=DataConfig(datasets_to_split=[]),
         datasets=datasets_,
         run_config=RunConfig(
             name=run_name, storage_path=spec.storage_path, callbacks=callbacks,
@@ -362,6 +393,32 @@ def fit(spec: JobSpec, resume: bool = False, trial: bool = False) -> TrainOutcom
     adapter_dir = run_files.export_adapter(result.checkpoint, run_dir, spec, model_path, result.metrics)
     run_files.plot_loss(run_dir)
     return TrainOutcome(run_dir, adapter_dir, dict(result.metrics), result.checkpoint.path)
+
+
+def _tune_report_callback(metric: str, mode: str):
+    """Ray Train -> Tune forwarding of only the reports that carry `metric` (the eval steps).
+
+    Tune's strict metric check fails a trial on a result without the metric, and ASHA counts every result as a
+    rung step. A diverged (NaN/inf) metric goes to Tune as the worst finite number: ASHA compares with `<`, so a
+    NaN would never be pruned, and an infinity would turn the rung's percentile cutoff into NaN.
+    """
+    import math
+    import sys
+
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    worst = sys.float_info.max if mode == "min" else -sys.float_info.max
+
+    class MetricReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metric not in metrics[0]:
+                return
+            first = dict(metrics[0])
+            if not math.isfinite(first[metric]):
+                first[metric] = worst
+            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+    return MetricReports()
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -1,0 +1,167 @@
+"""Local inference with the recipe's decoding: base (as trained) + adapter, inference template, greedy.
+
+Needs no Ray. `serve` uses the same pieces per replica: `load_base`/`add_adapter` to build one base with several
+adapters, and `complete` to run a left-padded batch whose greedy text equals running the prompts one by one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ray_sft import data, modeling
+from ray_sft.spec import GenerationSpec, JobSpec, from_dict
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop": EOS or a stop string; "length": max_new_tokens reached
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    spec: JobSpec  # loading and decoding settings the adapter was trained with (defaults if unknown)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What an adapter folder says about itself
+
+
+def run_spec(adapter_dir: str | Path) -> JobSpec:
+    """The spec of the run that wrote the adapter: <run>/spec.yaml for <run>/adapter or <run>/best/adapter.
+
+    Only its loading settings (quantization, model options) and decoding defaults matter here; an adapter
+    without a run folder gets the defaults.
+    """
+    adapter_dir = Path(adapter_dir).resolve()
+    for folder in (adapter_dir.parent, adapter_dir.parent.parent):
+        if (folder / "spec.yaml").is_file():
+            return from_dict(yaml.safe_load((folder / "spec.yaml").read_text(encoding="utf-8")) or {})
+    return JobSpec()
+
+
+def base_of(adapter_dir: str | Path) -> str:
+    """The base model recorded in the adapter (train writes the resolved path or Hub id there)."""
+    config = Path(adapter_dir) / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
+    return json.loads(config.read_text())["base_model_name_or_path"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_base(base: str, spec: JobSpec, device: str = "cpu"):
+    """Tokenizer and base model as trained (4-bit when the spec says so), for inference."""
+    return modeling.load_tokenizer(base, spec.model), modeling.load_model(base, spec, device, training=False)
+
+
+def add_adapter(model, adapter_dir: str | Path, name: str):
+    """Put the adapter on `model` under `name`; the first one wraps the base in a PeftModel."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(adapter_dir), adapter_name=name)
+    else:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
+    model.eval()
+    return model
+
+
+def merged(base_model, adapter_dir: str | Path):
+    """The base with one adapter folded in: a dense model, faster to serve.
+
+    The 4-bit weights are dequantized before the adapter goes on, so each merged weight is exactly what the
+    4-bit forward computed with (dequantized W + BA) and greedy output matches the unmerged adapter up to
+    float rounding.
+    """
+    if getattr(base_model, "is_quantized", False):
+        base_model.dequantize()
+    return add_adapter(base_model, adapter_dir, "default").merge_and_unload().eval()
+
+
+def load(adapter_dir: str | Path, base: str | None = None, merge: bool = False, device: str = "cpu") -> Loaded:
+    spec = run_spec(adapter_dir)
+    tokenizer, model = load_base(base or base_of(adapter_dir), spec, device)
+    model = merged(model, adapter_dir) if merge else add_adapter(model, adapter_dir, "default")
+    return Loaded(model, tokenizer, spec)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def prompt_for(instruction: str, spec: JobSpec) -> str:
+    return data.render_prompt(spec.prompt.inference_template, instruction)
+
+
+def complete(model, tokenizer, prompts: list[str], settings: GenerationSpec, stops: list[list[str]] | None = None,
+             limits: list[int] | None = None, streamer=None) -> list[Completion]:
+    """Generate for a batch of rendered prompts (left padded) and decode only the new tokens.
+
+    `limits` caps each prompt's new tokens below settings.max_new_tokens (one batch serves requests with
+    different max_tokens); `stops` are per-prompt stop strings, cut after decoding.
+    """
+    import torch
+
+    batch = tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+    batch = batch.to(model.device)
+    with torch.inference_mode():
+        output = model.generate(**batch, **decoding_kwargs(settings, tokenizer), streamer=streamer)
+    new = output[:, batch["input_ids"].shape[1]:].tolist()
+    prompt_lengths = batch["attention_mask"].sum(dim=1).tolist()
+    limits = limits or [settings.max_new_tokens] * len(prompts)
+    stops = stops or [[] for _ in prompts]
+    return [finish(tokenizer, ids[:limit], length, stop)
+            for ids, length, limit, stop in zip(new, prompt_lengths, limits, stops)]
+
+
+def decoding_kwargs(settings: GenerationSpec, tokenizer) -> dict:
+    kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+                  repetition_penalty=settings.repetition_penalty,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+    else:  # the model's generation_config may carry sampling values that greedy decoding would warn about
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def finish(tokenizer, ids: list[int], prompt_tokens: int, stop: list[str]) -> Completion:
+    """A row's new token ids -> text up to EOS (and the first stop string), with its token count."""
+    reason = "length"
+    if tokenizer.eos_token_id in ids:  # rows that ended early are padded after their EOS
+        ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
+        reason = "stop"
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    cut = first_stop(text, stop)
+    if cut is not None:
+        text, reason = text[:cut], "stop"
+    return Completion(text, prompt_tokens, len(ids), reason)
+
+
+def first_stop(text: str, stop: list[str]) -> int | None:
+    found = [text.find(s) for s in stop if s and s in text]
+    return min(found) if found else None
+
+
+def generate(loaded: Loaded, instruction: str, settings: GenerationSpec | None = None) -> Completion:
+    """The recipe's inference cell: one instruction, its inference prompt, the recipe's decoding."""
+    settings = settings or loaded.spec.generation
+    prompt = prompt_for(instruction, loaded.spec)
+    return complete(loaded.model, loaded.tokenizer, [prompt], settings)[0]
+
+
+def with_overrides(settings: GenerationSpec, **values) -> GenerationSpec:
+    """Decoding settings with the given non-None values replaced (CLI flags, request fields)."""
+    return dataclasses.replace(settings, **{k: v for k, v in values.items() if v is not None})
