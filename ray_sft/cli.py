@@ -20,6 +20,30 @@ def _address_arg(parser: argparse.ArgumentParser) -> None:
                         help="Ray cluster to join ('auto', 'ray://host:10001'); default: a private local cluster")
 
 
+
+def _serving_verbs(verbs) -> None:
+    generate = verbs.add_parser("generate", help="the recipe's inference with an adapter, locally (no Ray)")
+    generate.add_argument("prompt", help="the instruction; it is rendered with the run's inference template")
+    generate.add_argument("--adapter", required=True, help="adapter folder (e.g. runs/NAME/adapter)")
+    generate.add_argument("--base", default=None, help="base model; default: the one recorded in the adapter")
+    generate.add_argument("--merge", action="store_true", help="fold the adapter into a dense copy of the base")
+    generate.add_argument("--max-new-tokens", type=int, default=None)
+    generate.add_argument("--repetition-penalty", type=float, default=None)
+    generate.add_argument("--temperature", type=float, default=None, help="> 0 samples; default: greedy")
+    generate.add_argument("--top-p", type=float, default=None)
+
+    serve = verbs.add_parser("serve", help="OpenAI-compatible adapter serving on Ray Serve")
+    serve.add_argument("spec", nargs="?", help="job spec: serve its run's best (or final) adapter")
+    serve.add_argument("overrides", nargs="*", metavar="key.path=value", help="override spec fields")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="repeatable")
+    serve.add_argument("--base", default=None, help="base model; default: the one recorded in the adapters")
+    serve.add_argument("--host", default=None, help="default: serve.host (127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="default: serve.port (8000)")
+    _address_arg(serve)
+    serve.add_argument("--detach", action="store_true", help="leave the app running on the --address cluster")
+    serve.add_argument("--stop", action="store_true", help="remove the app from the --address cluster")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-sft", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -36,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_args(tune)
     _address_arg(tune)
     tune.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials stay")
+    _serving_verbs(verbs)
     return parser
 
 
@@ -103,7 +128,47 @@ def cmd_tune(args) -> int:
     return 0
 
 
-VERBS = {"validate": cmd_validate, "train": cmd_train, "tune": cmd_tune}
+def cmd_generate(args) -> int:
+    from ray_sft import generate
+
+    loaded = generate.load(args.adapter, base=args.base, merge=args.merge)
+    settings = generate.with_overrides(
+        loaded.spec.generation, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+        do_sample=None if args.temperature is None else args.temperature > 0,
+        temperature=args.temperature or None, top_p=args.top_p)
+    print(generate.generate(loaded, args.prompt, settings).text)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from ray_sft import cluster, serve
+
+    if (args.detach or args.stop) and not args.address:
+        print("error: --detach and --stop need --address (an embedded cluster ends with this process)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        if args.stop:
+            with cluster.connect(args.address):
+                serve.stop()
+            return 0
+        job, base, adapters = serve.targets(args.spec, args.overrides, args.adapter, args.base)
+        host, port = args.host or job.serve.host, args.port or job.serve.port
+        key = serve.api_key(job, host)
+        with cluster.connect(args.address):
+            url = serve.start(host, port)
+            serve.deploy(job, base, adapters, key)
+            print(f"serving {', '.join(adapters)} on {url}/v1" + ("" if args.detach else " (Ctrl-C stops)"),
+                  flush=True)
+            if not args.detach:
+                serve.run_until_interrupted()
+    except serve.ServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+VERBS = {"validate": cmd_validate, "train": cmd_train, "tune": cmd_tune, "generate": cmd_generate,
+         "serve": cmd_serve}
 
 if __name__ == "__main__":
     sys.exit(main())

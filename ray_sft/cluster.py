@@ -38,13 +38,33 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     if not embedded(address):
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        # A short path: Ray's unix sockets live under it and have a ~100 character limit.
-        temp_dir = tempfile.mkdtemp(prefix="rsft-", dir="/tmp")
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, _temp_dir=temp_dir,
-                 num_cpus=num_cpus, runtime_env=runtime_env, configure_logging=False)
+        temp_dir = _start_local(num_cpus, runtime_env)
     try:
         yield
     finally:
         ray.shutdown()
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _start_local(num_cpus: int | None, runtime_env: dict, attempts: int = 3) -> str:
+    """Start a private local cluster; return its temp dir.
+
+    Ray 2.60's raylet gives its dashboard agent a hard-coded 15 s to start and dies otherwise (ray-project/ray
+    #65983); on a loaded 2-core machine the agent's imports can take longer, so a failed start is retried.
+    """
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        # A short path: Ray's unix sockets live under it and have a ~100 character limit.
+        temp_dir = tempfile.mkdtemp(prefix="rsft-", dir="/tmp")
+        try:
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, _temp_dir=temp_dir,
+                     num_cpus=num_cpus, runtime_env=runtime_env, configure_logging=False)
+            break
+        except Exception as exc:  # Ray raises a bare Exception for a node that timed out during startup
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            if attempt == attempts or "timed out during startup" not in str(exc):
+                raise
+    return temp_dir

@@ -15,6 +15,8 @@ from ray_sft.spec import JobSpec, LoraSpec, ModelSpec, QuantizationSpec
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+# model.attn_implementation for padding-free training through torch's varlen (flash) attention kernel.
+VARLEN = "varlen"
 
 
 def resolve_model_path(spec: JobSpec) -> str:
@@ -65,6 +67,11 @@ def load_model(path: str, spec: JobSpec, device: str | torch.device, training: b
     """
     from transformers import AutoModelForCausalLM
 
+    attn_implementation = spec.model.attn_implementation
+    if attn_implementation == VARLEN:
+        # Training batches are padding-free; generation (KV cache, padded prompts) needs an ordinary kernel.
+        attn_implementation = VARLEN if training else "sdpa"
+        register_varlen_attention()
     model = AutoModelForCausalLM.from_pretrained(
         path,
         revision=spec.model.revision,
@@ -72,13 +79,52 @@ def load_model(path: str, spec: JobSpec, device: str | torch.device, training: b
         device_map={"": str(device)},
         dtype=compute_dtype(spec.quantization),
         trust_remote_code=spec.model.trust_remote_code,
-        attn_implementation=spec.model.attn_implementation,
+        attn_implementation=attn_implementation,
     )
     if training:
         model.config.use_cache = False
         if torch.device(device).type == "cpu":
             disable_cpu_repack(model)
     return model
+
+
+def register_varlen_attention() -> None:
+    """Make `attn_implementation="varlen"` known to transformers (idempotent).
+
+    Padding-free rows arrive as one packed sequence; sdpa would need an N x N block mask (quadratic in the packed
+    length) and flex attention a compile per shape. torch's varlen_attn runs flash attention per row directly from
+    the row boundaries TRL's padding-free collator passes along (cu_seq_lens_q / max_length_q).
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import flash_attention_mask
+
+    AttentionInterface.register(VARLEN, varlen_attention)
+    # The flash mask is None for unpadded input: no mask is built at all.
+    AttentionMaskInterface.register(VARLEN, flash_attention_mask)
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers attention interface -> torch.nn.attention.varlen.varlen_attn, causal within each packed row."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    if query.size(0) != 1 or kwargs.get("cu_seq_lens_q") is None:
+        raise ValueError("attn_implementation=varlen needs padding-free batches (training.padding_free: true)")
+    if dropout:
+        raise ValueError("attn_implementation=varlen has no attention dropout")
+    # (1, heads, tokens, dim) -> (tokens, heads, dim)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    options = {"scale": scaling}
+    params = inspect.signature(varlen_attn).parameters
+    # Causal: newer torch takes a (left, right) window, (-1, 0) being causal; older releases an is_causal flag.
+    options.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
+    if k.size(1) != q.size(1):
+        options["enable_gqa"] = True
+    cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+    out = varlen_attn(q, k, v, cu, kwargs.get("cu_seq_lens_k", cu), longest, kwargs.get("max_length_k", longest),
+                      **options)
+    return out[None], None  # (1, tokens, heads, dim), as the other kernels return
 
 
 def disable_cpu_repack(model) -> int:

@@ -163,6 +163,16 @@ def stop(name: str = APP_NAME) -> None:
         ray.kill(ray.get_actor(_registry_name(name), namespace=REGISTRY_NAMESPACE))
 
 
+def run_until_interrupted(name: str = APP_NAME) -> None:
+    """Block until Ctrl-C, then remove the app (and only it: the cluster may be shared)."""
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        stop(name)
+        print("stopped", flush=True)
+
+
 def _registry_name(app: str) -> str:
     return f"{app}-adapters"
 
@@ -463,3 +473,34 @@ class ModelServer:
             for index, completion in zip(indices, done):
                 results[index] = completion
         return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What to serve, from the command line's arguments
+
+
+def targets(spec_path: str | None, overrides: list[str], adapter_args: list[str],
+            base: str | None) -> tuple[JobSpec, str, dict[str, str]]:
+    """(settings, base, name -> adapter folder) from a job spec and/or NAME=PATH pairs.
+
+    A job spec serves its run's tune winner (<run>/best/adapter) if there is one, else <run>/adapter, under
+    output.name; without one, the settings come from the first adapter's run folder.
+    """
+    from ray_sft import spec as spec_module
+
+    job, adapters = None, {}
+    if spec_path:
+        job = spec_module.load(spec_path, overrides)
+        best = job.run_dir / "best" / "adapter"
+        adapters[job.output.name] = str(best if best.is_dir() else job.run_dir / "adapter")
+    for item in adapter_args:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ServeError(f"--adapter {item!r}: use NAME=PATH")
+        adapters[name] = path
+    if not adapters:
+        raise ServeError("serve: give a job spec or --adapter NAME=PATH")
+    bases = {generate.base_of(path) for path in adapters.values()}
+    if base is None and len(bases) > 1:
+        raise ServeError(f"serve: the adapters were trained on different bases {sorted(bases)}; pick one with --base")
+    return job or generate.run_spec(next(iter(adapters.values()))), base or bases.pop(), adapters

@@ -111,6 +111,13 @@ class TrainingSpec:
     gradient_checkpointing: bool = True
     auto_find_batch_size: bool = False
     seed: int = 42
+    # Execution only: how the per_device_batch_size x gradient_accumulation_steps rows of one optimizer step are
+    # run, never which rows, their order, the loss normalisation or NEFTune's noise (see README, "Fast settings").
+    # Rows per forward pass; None: every row of the step in one pass. A multiple of per_device_batch_size that
+    # divides the step (per_device_batch_size itself runs the step as the recipe did).
+    micro_batch_size: Optional[int] = field(default=None, metadata=POSITIVE)
+    # Concatenate a micro-batch's rows into one sequence with per-row position ids instead of padding them.
+    padding_free: bool = True
 
 
 @dataclass
@@ -401,6 +408,13 @@ def _cross_field_errors(spec: JobSpec) -> list[str]:
     if t.save_steps % t.eval_steps != 0:
         errors.append("training.save_steps: must be a multiple of training.eval_steps "
                       "(a checkpoint is ranked by the eval_loss measured at its step)")
+    rows_per_step = t.per_device_batch_size * t.gradient_accumulation_steps
+    if t.micro_batch_size is not None and (t.micro_batch_size % t.per_device_batch_size
+                                           or rows_per_step % t.micro_batch_size):
+        errors.append(f"training.micro_batch_size: must be a multiple of training.per_device_batch_size "
+                      f"({t.per_device_batch_size}) that divides the {rows_per_step} rows of an optimizer step")
+    if spec.model.attn_implementation == "varlen" and not t.padding_free:
+        errors.append("model.attn_implementation: varlen needs training.padding_free: true")
     if spec.scaling.crash is not None and spec.scaling.crash.rank >= spec.scaling.num_workers:
         errors.append("scaling.crash.rank: must be < scaling.num_workers")
     if spec.serve.autoscaling.max_replicas < spec.serve.autoscaling.min_replicas:

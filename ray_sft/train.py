@@ -41,6 +41,14 @@ def use_bf16(spec: JobSpec, device_type: str) -> bool:
     return bool(spec.training.bf16)
 
 
+def micro_batching(spec: JobSpec) -> tuple[int, int]:
+    """(rows per forward pass, forward passes per optimizer step): the spec's step, executed as it asks."""
+    t = spec.training
+    rows_per_step = t.per_device_batch_size * t.gradient_accumulation_steps
+    micro = t.micro_batch_size or rows_per_step
+    return micro, rows_per_step // micro
+
+
 def sft_config(spec: JobSpec, output_dir: str, device_type: str, has_eval: bool, max_steps: int | None = None):
     """The spec's training section as TRL's SFTConfig (current TRL names for the recipe's arguments)."""
     from trl import SFTConfig
@@ -50,13 +58,16 @@ def sft_config(spec: JobSpec, output_dir: str, device_type: str, has_eval: bool,
     t = spec.training
     cpu = device_type == "cpu"
     distributed = dist.is_available() and dist.is_initialized()
+    micro, accumulation = micro_batching(spec)
     return SFTConfig(
         output_dir=output_dir,
         num_train_epochs=t.epochs,
         max_steps=max_steps if max_steps is not None else t.max_steps,
-        per_device_train_batch_size=t.per_device_batch_size,
-        per_device_eval_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        # Same rows per optimizer step either way; transformers normalises the loss by the step's token count, and
+        # length grouping works on whole steps (train_batch_size x accumulation), so the rows and order match too.
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         weight_decay=t.weight_decay,
@@ -71,8 +82,10 @@ def sft_config(spec: JobSpec, output_dir: str, device_type: str, has_eval: bool,
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         auto_find_batch_size=t.auto_find_batch_size,
-        max_length=t.max_length,
+        # TRL refuses max_length with padding_free (it would not cut the rows): build_trainer cuts them instead.
+        max_length=None if t.padding_free else t.max_length,
         packing=t.packing,
+        padding_free=t.padding_free,
         neftune_noise_alpha=t.neftune_noise_alpha,
         gradient_checkpointing=t.gradient_checkpointing,
         # Non-reentrant checkpointing avoids DDP's "marked ready twice" error with LoRA.
@@ -153,7 +166,7 @@ def build_trainer(spec: JobSpec, model_path: str, tokenizer, train_rows: list[di
     model = modeling.load_model(model_path, spec, device, training=True)
     targets = modeling.lora_targets(model, spec.lora)
     texts = lambda rows: datasets.Dataset.from_dict({"text": [r["text"] for r in rows]})  # noqa: E731
-    return _sharded_trainer_class()(
+    trainer = _sharded_trainer_class()(
         model=model,
         args=sft_config(spec, output_dir, torch.device(device).type, has_eval=bool(eval_rows)),
         train_dataset=texts(train_rows),
@@ -163,6 +176,81 @@ def build_trainer(spec: JobSpec, model_path: str, tokenizer, train_rows: list[di
         callbacks=list(callbacks),
         presharded=presharded,
     )
+    if spec.training.padding_free:
+        trainer.train_dataset = truncate_rows(trainer.train_dataset, spec.training.max_length)
+        if trainer.eval_dataset is not None:
+            trainer.eval_dataset = truncate_rows(trainer.eval_dataset, spec.training.max_length)
+    micro, _ = micro_batching(spec)
+    if trainer.neftune_noise_alpha is not None and (spec.training.padding_free
+                                                    or micro != spec.training.per_device_batch_size):
+        # TRL's hook scales the noise by the batch tensor's length: a packed row of a whole step, or 64 padded
+        # rows, would get far less noise than the recipe's 4-row batches. RecipeNeftune keeps the recipe's scale.
+        RecipeNeftune(trainer.neftune_noise_alpha, spec.training.per_device_batch_size).attach(trainer.model)
+        trainer.neftune_noise_alpha = None  # Trainer.train would add its own hook on top
+    return trainer
+
+
+def truncate_rows(dataset, max_length: int):
+    """Keep each tokenized row's first max_length tokens, as TRL's own truncation does without padding_free."""
+    return dataset.map(lambda row: {"input_ids": row["input_ids"][:max_length], "labels": row["labels"][:max_length]})
+
+
+class RecipeNeftune:
+    """NEFTune noise at the recipe's scale whatever the micro-batch shape.
+
+    TRL (transformers' neftune_post_forward_hook) draws uniform noise of magnitude alpha / sqrt(L * d), with L the
+    padded length of the batch: in the recipe, the longest row of each group of `group_rows` consecutive rows
+    (per_device_batch_size). Here every token gets the L of its own row's group, read from the attention mask
+    (padded rows) or from the position ids (padding-free rows, one sequence per position-id run from 0).
+    """
+
+    def __init__(self, alpha: float, group_rows: int):
+        self.alpha, self.group_rows = alpha, group_rows
+        self.batch: dict = {}
+
+    def attach(self, model) -> None:
+        from transformers.trainer_utils import _is_peft_model
+
+        base = model.base_model.model if _is_peft_model(model) else model
+        model.register_forward_pre_hook(self._remember_batch, with_kwargs=True)
+        base.get_input_embeddings().register_forward_hook(self._add_noise)
+
+    def _remember_batch(self, module, args, kwargs):
+        self.batch = {k: kwargs.get(k) for k in ("attention_mask", "position_ids")}
+
+    def _add_noise(self, module, inputs, output):
+        import torch
+
+        if not module.training:
+            return output
+        return output + (torch.rand_like(output) * 2 - 1) * self.magnitude(output).to(output.dtype)
+
+    def magnitude(self, embeddings):
+        """alpha / sqrt(L * d) per token, broadcastable to `embeddings` (batch, tokens, d)."""
+        import torch
+
+        mask, positions = self.batch.get("attention_mask"), self.batch.get("position_ids")
+        if mask is not None:  # padded rows: a row's length is its mask's sum
+            lengths = mask.sum(-1)
+            group_of_row = torch.arange(lengths.numel(), device=lengths.device) // self.group_rows
+            group_length = _group_max(lengths, group_of_row)[group_of_row][:, None]
+        elif positions is not None and embeddings.size(0) == 1:  # padding-free: rows start where positions are 0
+            starts = positions[0] == 0
+            row_of_token = starts.cumsum(0) - 1
+            bounds = torch.cat([starts.nonzero().flatten(), torch.tensor([starts.numel()], device=starts.device)])
+            lengths = bounds.diff()
+            group_of_row = torch.arange(lengths.numel(), device=lengths.device) // self.group_rows
+            group_length = _group_max(lengths, group_of_row)[group_of_row][row_of_token][None]
+        else:  # neither: the batch tensor's own length, as TRL does
+            group_length = torch.full(embeddings.shape[:2], embeddings.size(1), device=embeddings.device)
+        return (self.alpha / torch.sqrt(group_length.float() * embeddings.size(-1)))[..., None]
+
+
+def _group_max(values, groups):
+    import torch
+
+    out = torch.zeros(int(groups.max()) + 1, dtype=values.dtype, device=values.device)
+    return out.scatter_reduce(0, groups, values, reduce="amax")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,6 +302,10 @@ def _report_callback_class():
                 metrics["tokens_per_s"] = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
                 self.last_time, self.last_tokens = now, tokens
             metrics.update(step=state.global_step, max_steps=state.max_steps)
+            import torch
+
+            if torch.cuda.is_available():  # the worker's peak so far: what a run needs on its GPU
+                metrics["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
             ray.train.report(metrics, checkpoint=checkpoint)
 

@@ -181,8 +181,8 @@ def _tuner(spec: JobSpec, run_dir: Path, run_name: str, share: TrialShare, resum
         param_space=param_space(spec.tune.search_space),
         tune_config=tune.TuneConfig(
             metric=spec.tune.metric, mode=spec.tune.mode, num_samples=spec.tune.num_samples,
-            scheduler=_scheduler(spec), search_alg=_search_alg(spec),
-            max_concurrent_trials=share.concurrent, trial_dirname_creator=lambda trial: trial.trial_id),
+            scheduler=_scheduler(spec), search_alg=_search_alg(spec, share.concurrent),
+            trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=tune.RunConfig(name=run_name, storage_path=spec.storage_path,
                                   callbacks=[ProgressLines()], verbose=1),
     )
@@ -207,14 +207,17 @@ def _scheduler(spec: JobSpec):
                          reduction_factor=s.reduction_factor, max_t=ASHA_MAX_T)
 
 
-def _search_alg(spec: JobSpec):
+def _search_alg(spec: JobSpec, concurrent: int):
+    """The sampler, capped at `concurrent` trials. The cap is set here because TuneConfig's max_concurrent_trials
+    is silently ignored for a BasicVariantGenerator passed in, which then starts every trial at once."""
     if spec.tune.search_alg == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=spec.training.seed)
+        return ConcurrencyLimiter(OptunaSearch(seed=spec.training.seed), max_concurrent=concurrent)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=spec.training.seed)
+    return BasicVariantGenerator(max_concurrent=concurrent, random_state=spec.training.seed)
 
 
 def _progress_callback_base():

@@ -140,3 +140,61 @@ def test_more_workers_than_the_cluster_has_fails_fast(ray_cluster, tmp_path):
     gpu_job = quick_spec(tmp_path, *FAST, "scaling.use_gpu=true")
     with pytest.raises(train.TrainError, match="GPU"):
         train.fit(gpu_job)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fast execution settings: the same step computed another way
+
+
+def _step_loss(tmp_path, tiny_model_path, *overrides):
+    """Loss and token count of the first optimizer step's rows through one forward pass (no dropout, no noise)."""
+    import torch
+
+    job = quick_spec(tmp_path, "data.max_rows=40", "data.eval_rows=0", "training.neftune_noise_alpha=null",
+                     "training.per_device_batch_size=4", "training.gradient_accumulation_steps=4", *overrides)
+    tokenizer = modeling.load_tokenizer(tiny_model_path, job.model)
+    rows = data.load_examples(job, tokenizer).train
+    trainer = train.build_trainer(job, tiny_model_path, tokenizer, rows, [], "cpu", str(tmp_path / "out"))
+    loader = trainer.get_train_dataloader()
+    micro, accumulation = train.micro_batching(job)
+    batches = [trainer._prepare_inputs(b) for b, _ in zip(loader, range(accumulation))]
+    count = trainer._get_num_items_in_batch(batches, trainer.args.device)
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = sum(trainer.compute_loss(trainer.model, dict(b), num_items_in_batch=count) for b in batches)
+    return float(loss), int(count), batches
+
+
+def test_padding_free_one_pass_gives_the_recipes_step_loss(tmp_path, tiny_model_path):
+    padded, padded_count, padded_batches = _step_loss(tmp_path / "a", tiny_model_path, "training.padding_free=false",
+                                                      "training.micro_batch_size=4")
+    packed, packed_count, packed_batches = _step_loss(tmp_path / "b", tiny_model_path, "training.padding_free=true",
+                                                      "training.micro_batch_size=16")
+    assert len(padded_batches) == 4 and len(packed_batches) == 1
+    # The same 16 rows, in the same order, padded in 4 batches vs concatenated in one row without pad tokens.
+    real = [ids[mask.bool()] for b in padded_batches for ids, mask in zip(b["input_ids"], b["attention_mask"])]
+    assert torch_equal(packed_batches[0]["input_ids"][0], real)
+    assert padded_batches[0]["attention_mask"].eq(0).any()  # the padded path really had padding to ignore
+    assert packed_count == padded_count  # same loss normalisation: the step's target tokens
+    assert abs(packed - padded) < 1e-5 * abs(padded)
+
+
+def torch_equal(packed, rows) -> bool:
+    import torch
+
+    return torch.equal(packed, torch.cat(rows))
+
+
+def test_recipe_neftune_noise_scale_survives_padding_free():
+    """Each token gets alpha / sqrt(L * d) with L its recipe batch's padded length, however the rows are batched."""
+    import torch
+
+    lengths = [5, 3, 7, 2, 4, 4]  # two recipe batches of 3 rows: padded to 7, then to 4
+    neftune = train.RecipeNeftune(alpha=5.0, group_rows=3)
+    neftune.batch = {"attention_mask": torch.tensor([[1] * n + [0] * (7 - n) for n in lengths])}
+    padded = neftune.magnitude(torch.zeros(6, 7, 8)).expand(6, 7, 1)  # one scale per padded row
+    neftune.batch = {"attention_mask": None, "position_ids": torch.cat([torch.arange(n) for n in lengths])[None]}
+    packed = neftune.magnitude(torch.zeros(1, sum(lengths), 8))
+    expected = torch.tensor([5 / (7 * 8) ** 0.5] * 15 + [5 / (4 * 8) ** 0.5] * 10)
+    assert torch.allclose(packed.flatten(), expected)
+    assert torch.allclose(torch.cat([padded[i, :n, 0] for i, n in enumerate(lengths)]), expected)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ray_sft import spec, tune
+from ray_sft import run_files, spec, tune
 from ray_sft.cli import main
 from ray_sft.spec import SpecError
 
@@ -106,6 +106,13 @@ def test_default_share_is_one_plain_run_and_as_many_as_fit(tmp_path):
 ABSURD_LR = 50.0
 
 
+def most_at_once(run: Path) -> int:
+    """The most trials whose spans (spec written at start .. last report) overlap: how many ran at once."""
+    spans = [((trial / "spec.yaml").stat().st_mtime, run_files.read_metrics(trial)[-1]["time"])
+             for trial in (run / "trials").iterdir()]
+    return max(sum(start <= t < end for start, end in spans) for t, _ in spans)
+
+
 @pytest.mark.slow
 def test_search_end_to_end_stops_the_absurd_trial_and_exports_the_best(ray_cluster, tmp_path, capsys):
     from peft import PeftModel
@@ -118,6 +125,7 @@ def test_search_end_to_end_stops_the_absurd_trial_and_exports_the_best(ray_clust
     run = outcome.run_dir
     table = pd.read_csv(run / "trials.csv")
     assert len(table) == 4 and set(table["status"]) == {"TERMINATED"} and not outcome.failed
+    assert most_at_once(run) == 2
     assert json.loads((run / "trials.json").read_text()) == outcome.rows
 
     absurd = table[table["training.learning_rate"] == ABSURD_LR].iloc[0]

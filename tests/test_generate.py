@@ -1,0 +1,101 @@
+"""`ray_sft.generate`: the recipe's inference cell, batching that keeps greedy text, merged serving, the CLI verb."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ray_sft import cli, generate
+from tests.adapters import random_adapter
+from tests.conftest import quick_spec
+
+PROMPTS = ["時間管理能力をあげるには?", "猫", "日本で一番高い山はどこですか? 理由も説明してください。", "水"]
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_model_path):
+    out = tmp_path_factory.mktemp("run")
+    return random_adapter(quick_spec(out), tiny_model_path, out, seed=1)
+
+
+@pytest.fixture(scope="module")
+def loaded(adapter):
+    return generate.load(adapter)
+
+
+def test_settings_and_base_come_from_the_run(adapter, loaded, tiny_model_path):
+    assert generate.base_of(adapter) == tiny_model_path
+    assert loaded.spec.quantization.compute_dtype == "float32"  # the quickstart's, not the default bfloat16
+    assert (loaded.spec.generation.max_new_tokens, loaded.spec.generation.repetition_penalty) == (100, 1.2)
+    assert not loaded.spec.generation.do_sample
+
+
+def test_generate_is_the_recipe_inference_cell(loaded):
+    """Written out as the notebook does it: template, no special tokens, greedy, penalty 1.2, new tokens only."""
+    tokenizer, model = loaded.tokenizer, loaded.model
+    prompt = f"\n### 指示\n{PROMPTS[0]}\n### 回答:\n"
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=100, do_sample=False, repetition_penalty=1.2,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    result = generate.generate(loaded, PROMPTS[0])
+    assert result.text == expected and result.text
+    assert result.prompt_tokens == ids["input_ids"].shape[1]
+    assert result.completion_tokens == len(out[0]) - ids["input_ids"].shape[1]
+
+
+def test_batch_generation_equals_one_by_one(loaded):
+    prompts = [generate.prompt_for(p, loaded.spec) for p in PROMPTS]
+    lengths = {len(loaded.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts}
+    assert len(lengths) > 2  # the batch really needs (left) padding
+    settings = generate.with_overrides(loaded.spec.generation, max_new_tokens=40)
+    batch = generate.complete(loaded.model, loaded.tokenizer, prompts, settings)
+    alone = [generate.complete(loaded.model, loaded.tokenizer, [p], settings)[0] for p in prompts]
+    assert batch == alone
+
+
+def test_limits_and_stops_cut_each_row(loaded):
+    prompts = [generate.prompt_for(p, loaded.spec) for p in PROMPTS[:2]]
+    settings = generate.with_overrides(loaded.spec.generation, max_new_tokens=30)
+    full = generate.complete(loaded.model, loaded.tokenizer, prompts, settings)
+    stop = full[1].text[5:8]
+    cut = generate.complete(loaded.model, loaded.tokenizer, prompts, settings, stops=[[], [stop]], limits=[7, 30])
+    assert (cut[0].completion_tokens, cut[0].finish_reason) == (7, "length")
+    assert full[0].text.startswith(cut[0].text) and len(cut[0].text) < len(full[0].text)
+    assert cut[1].text == full[1].text[: full[1].text.index(stop)] and cut[1].finish_reason == "stop"
+
+
+def test_merged_model_gives_the_same_greedy_output(adapter, loaded):
+    merged = generate.load(adapter, merge=True)
+    assert not hasattr(merged.model, "peft_config") and not getattr(merged.model, "is_quantized", False)
+    ids = loaded.tokenizer(generate.prompt_for(PROMPTS[0], loaded.spec), add_special_tokens=False, return_tensors="pt")
+    with torch.inference_mode():
+        torch.testing.assert_close(merged.model(**ids).logits, loaded.model(**ids).logits, atol=1e-4, rtol=1e-4)
+    assert [generate.generate(merged, p).text for p in PROMPTS[:2]] == [generate.generate(loaded, p).text
+                                                                         for p in PROMPTS[:2]]
+
+
+def test_adapter_changes_the_output(loaded, tiny_model_path):
+    tokenizer, base = generate.load_base(tiny_model_path, loaded.spec)
+    prompt = generate.prompt_for(PROMPTS[0], loaded.spec)
+    assert generate.complete(base, tokenizer, [prompt], loaded.spec.generation)[0].text != \
+        generate.generate(loaded, PROMPTS[0]).text
+
+
+def test_run_spec_is_found_for_a_tune_winner_and_defaults_elsewhere(adapter, tmp_path):
+    nested = tmp_path / "run" / "best" / "adapter"
+    nested.mkdir(parents=True)
+    (tmp_path / "run" / "spec.yaml").write_text((adapter.parent / "spec.yaml").read_text())
+    assert generate.run_spec(nested).quantization.compute_dtype == "float32"
+    assert generate.run_spec(tmp_path).quantization.compute_dtype == "bfloat16"
+    with pytest.raises(FileNotFoundError, match="not an adapter folder"):
+        generate.base_of(tmp_path)
+
+
+def test_cli_generate_prints_the_completion_with_flag_overrides(adapter, loaded, capsys):
+    assert cli.main(["generate", "--adapter", str(adapter), "--max-new-tokens", "12", PROMPTS[1]]) == 0
+    expected = generate.generate(loaded, PROMPTS[1], generate.with_overrides(loaded.spec.generation,
+                                                                              max_new_tokens=12))
+    assert capsys.readouterr().out == expected.text + "\n"

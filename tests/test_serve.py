@@ -1,0 +1,304 @@
+"""`ray_sft.serve` over real HTTP: Serve on 127.0.0.1 in the session's private Ray cluster, the tiny model, a
+trained adapter and a second (random) one. One main app is shared by most tests; auth+merge and autoscaling get
+their own apps on other route prefixes of the same Serve instance."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from ray import serve
+
+from ray_sft import cli, generate
+from ray_sft import serve as rs
+from tests.adapters import random_adapter
+from tests.conftest import quick_spec
+
+PROMPT = "時間管理能力をあげるには?"
+KEY_ENV = "RAY_SFT_TEST_API_KEY"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup(ray_cluster, trained_run, tmp_path_factory):
+    adapter = trained_run.adapter_dir
+    spec = generate.run_spec(adapter)
+    spec.serve.cpus_per_replica = 0.5  # leaves room for the autoscaling app's second replica on 2 CPUs
+    spec.serve.max_prompt_tokens, spec.serve.max_tokens_limit = 64, 64
+    other_dir = tmp_path_factory.mktemp("other")
+    other = random_adapter(quick_spec(other_dir), generate.base_of(adapter), other_dir, seed=7)
+    url = rs.start("127.0.0.1", _free_port())
+    rs.deploy(spec, generate.base_of(adapter), {"trained": str(adapter), "other": str(other)})
+    yield {"url": url, "spec": spec, "trained": adapter, "other": other, "base": generate.base_of(adapter)}
+    for app in list(serve.status().applications):
+        rs.stop(app)
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(setup):
+    with httpx.Client(base_url=setup["url"], timeout=120) as c:
+        yield c
+
+
+def complete(client, model="trained", prefix="", headers=None, **fields):
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 24, **fields}
+    r = client.post(f"{prefix}/v1/completions", json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def chat(client, messages, **fields):
+    r = client.post("/v1/chat/completions", json={"model": "trained", "messages": messages, **fields})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def stream_events(client, path, body) -> list:
+    with client.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def test_models_and_health(client, setup):
+    names = ["trained", "other", rs.base_name(setup["base"])]
+    assert sorted(m["id"] for m in client.get("/v1/models").json()["data"]) == sorted(names)
+    assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_completion_and_chat_equal_local_generate(client, setup, capsys):
+    """A completion of the rendered prompt and a one-message chat both equal `ray-sft generate`."""
+    assert cli.main(["generate", "--adapter", str(setup["trained"]), "--max-new-tokens", "24", PROMPT]) == 0
+    expected = capsys.readouterr().out.removesuffix("\n")
+    rendered = generate.prompt_for(PROMPT, setup["spec"])
+    body = complete(client, prompt=rendered)
+    assert body["object"] == "text_completion" and body["choices"][0]["text"] == expected
+    answer = chat(client, [{"role": "user", "content": PROMPT}], max_tokens=24)
+    assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["content"] == expected
+    tokens = len(setup_tokenizer(setup)(rendered, add_special_tokens=False)["input_ids"])
+    assert answer["usage"] == {"prompt_tokens": tokens, "completion_tokens": 24, "total_tokens": tokens + 24}
+    assert answer["choices"][0]["finish_reason"] == "length"
+
+
+def setup_tokenizer(setup):
+    from ray_sft import modeling
+
+    return modeling.load_tokenizer(setup["base"], setup["spec"].model)
+
+
+def test_system_message_is_rendered_before_the_instruction(client):
+    plain = chat(client, [{"role": "user", "content": PROMPT}], max_tokens=8)
+    with_system = chat(client, [{"role": "system", "content": "丁寧に答えてください。"},
+                                {"role": "user", "content": PROMPT}], max_tokens=8)
+    assert with_system["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]
+
+
+def test_adapters_differ_and_base_matches_plain_generate(client, setup):
+    rendered = generate.prompt_for(PROMPT, setup["spec"])
+    texts = {m: complete(client, model=m, prompt=rendered)["choices"][0]["text"]
+             for m in ("trained", "other", rs.base_name(setup["base"]))}
+    tokenizer, base = generate.load_base(setup["base"], setup["spec"])
+    plain = generate.complete(base, tokenizer, [rendered], generate.with_overrides(setup["spec"].generation,
+                                                                                   max_new_tokens=24))[0].text
+    assert texts[rs.base_name(setup["base"])] == plain
+    assert texts["other"] != texts["trained"] and texts["other"] != plain
+
+
+@pytest.mark.parametrize("path,body_key", [("/v1/completions", "text"), ("/v1/chat/completions", "chat")])
+def test_streaming_chunks_join_to_the_full_text(client, path, body_key):
+    body = {"model": "other", "max_tokens": 32}
+    body.update({"prompt": PROMPT} if body_key == "text" else {"messages": [{"role": "user", "content": PROMPT}]})
+    full = client.post(path, json=body).json()
+    events = stream_events(client, path, body)
+    pieces = [e["choices"][0]["text"] if body_key == "text" else e["choices"][0]["delta"]["content"] for e in events]
+    expected = full["choices"][0]["text"] if body_key == "text" else full["choices"][0]["message"]["content"]
+    assert "".join(pieces) == expected
+    assert sum(bool(p) for p in pieces) > 2  # streamed as it was generated, not in one piece
+    assert events[-1]["choices"][0]["finish_reason"] == "length" and events[-1]["usage"] == full["usage"]
+    assert all(e["choices"][0]["finish_reason"] is None for e in events[:-1])
+
+
+def test_decoding_fields_are_honoured(client):
+    full = complete(client, max_tokens=30)["choices"][0]["text"]
+    short = complete(client, max_tokens=5)
+    assert short["usage"]["completion_tokens"] == 5 and full.startswith(short["choices"][0]["text"])
+    stop = full[10:12]
+    stopped = complete(client, max_tokens=30, stop=[stop])["choices"][0]
+    assert stopped["text"] == full[: full.index(stop)] and stopped["finish_reason"] == "stop"
+    assert complete(client, max_tokens=30, repetition_penalty=1.0)["choices"][0]["text"] != full
+    sampled = complete(client, max_tokens=30, temperature=1.5, top_p=0.9)
+    assert sampled["usage"]["completion_tokens"] == 30
+
+
+BAD = [
+    ("malformed json", "/v1/completions", b'{"model": "trained", ', 400, "invalid_json"),
+    ("missing prompt", "/v1/completions", {"model": "trained"}, 400, "invalid_request"),
+    ("missing model", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 400,
+     "invalid_request"),
+    ("wrong type", "/v1/completions", {"model": "trained", "prompt": "x", "temperature": "hot"}, 400,
+     "invalid_request"),
+    ("bad role", "/v1/chat/completions", {"model": "trained", "messages": [{"role": "tool", "content": "x"}]}, 400,
+     "invalid_request"),
+    ("no user last", "/v1/chat/completions",
+     {"model": "trained", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+     400, "invalid_messages"),
+    ("unknown model", "/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model_not_found"),
+    ("path as model", "/v1/completions", {"model": "/etc", "prompt": "x"}, 404, "model_not_found"),
+    ("prompt too long", "/v1/completions", {"model": "trained", "prompt": "時間" * 200}, 400,
+     "context_length_exceeded"),
+    ("max_tokens over cap", "/v1/completions", {"model": "trained", "prompt": "x", "max_tokens": 65}, 400,
+     "max_tokens_exceeded"),
+    ("n > 1", "/v1/completions", {"model": "trained", "prompt": "x", "n": 2}, 400, "invalid_request"),
+]
+
+
+@pytest.mark.parametrize("why,path,body,status,code", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_openai_errors(client, why, path, body, status, code):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = client.post(path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_unknown_route_and_method_get_openai_errors(client):
+    assert client.get("/v1/nothing").json()["error"]["code"] == "404"
+    r = client.get("/v1/completions")
+    assert r.status_code == 405 and "error" in r.json()
+    assert client.get("/healthz").status_code == 200  # the replica survived every bad request
+
+
+def test_32_concurrent_requests_batch_and_match_one_by_one(client):
+    prompts = ["猫", "水", PROMPT, "日本で一番高い山は?"]
+    jobs = [(m, p) for m in ("trained", "other") for p in prompts] * 4
+    alone = {(m, p): complete(client, model=m, prompt=p)["choices"][0]["text"] for m, p in set(jobs)}
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda job: complete(client, model=job[0], prompt=job[1]), jobs))
+    assert len(results) == 32
+    assert [r["choices"][0]["text"] for r in results] == [alone[job] for job in jobs]
+
+
+def test_public_host_requires_an_api_key(setup, monkeypatch):
+    spec = setup["spec"]
+    monkeypatch.setattr(spec.serve, "api_key_env", None)
+    assert rs.api_key(spec, "127.0.0.1") is None and rs.api_key(spec, "::1") is None
+    with pytest.raises(rs.ServeError, match="API key is required"):
+        rs.api_key(spec, "0.0.0.0")
+    monkeypatch.setattr(spec.serve, "api_key_env", KEY_ENV)
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(rs.ServeError, match=KEY_ENV):
+        rs.api_key(spec, "192.0.2.1")
+    monkeypatch.setenv(KEY_ENV, "s3cret")
+    assert rs.api_key(spec, "0.0.0.0") == "s3cret"
+
+
+def test_invalid_serving_setups_are_refused(setup):
+    with pytest.raises(rs.ServeError, match="invalid adapter name"):
+        rs.deploy(setup["spec"], setup["base"], {"../x": str(setup["other"])}, name="bad")
+    with pytest.raises(rs.ServeError, match="not an adapter folder"):
+        rs.deploy(setup["spec"], setup["base"], {"x": str(setup["other"].parent)}, name="bad")
+    assert "bad" not in serve.status().applications
+
+
+def test_api_key_and_merged_model(client, setup, monkeypatch):
+    """A second app with a key and serve.merge: 401 without the right key; same greedy text as the 4-bit adapter."""
+    monkeypatch.setenv(KEY_ENV, "s3cret")
+    spec = generate.run_spec(setup["trained"])
+    spec.serve.cpus_per_replica, spec.serve.merge, spec.serve.api_key_env = 0.5, True, KEY_ENV
+    rs.deploy(spec, setup["base"], {"trained": str(setup["trained"])}, rs.api_key(spec, "127.0.0.1"),
+              name="secure", route_prefix="/secure")
+    try:
+        body = {"model": "trained", "prompt": PROMPT, "max_tokens": 24}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = client.post("/secure/v1/completions", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert client.get("/secure/v1/models").status_code == 401
+        good = {"Authorization": "Bearer s3cret"}
+        models = client.get("/secure/v1/models", headers=good).json()["data"]
+        assert [m["id"] for m in models] == ["trained"]  # a merged replica has no bare base to offer
+        merged = complete(client, prefix="/secure", headers=good)["choices"][0]["text"]
+        assert merged == complete(client)["choices"][0]["text"]
+    finally:
+        rs.stop("secure")
+
+
+def _load(client, model: str, stop: threading.Event, results: list) -> None:
+    while not stop.is_set():
+        r = client.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 16})
+        results.append(r.status_code)
+
+
+def test_hot_swap_under_load_loses_no_request(client, setup):
+    before = complete(client, model="other")["choices"][0]["text"]
+    trained_text = complete(client, model="trained")["choices"][0]["text"]
+    stop, results = threading.Event(), []
+    threads = [threading.Thread(target=_load, args=(client, "other", stop, results)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        # "other" now serves the trained adapter's folder; the replica is updated in place.
+        rs.deploy(setup["spec"], setup["base"], {"trained": str(setup["trained"]), "other": str(setup["trained"])})
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert results and set(results) == {200}
+    assert complete(client, model="other")["choices"][0]["text"] == trained_text != before
+    rs.deploy(setup["spec"], setup["base"], {"trained": str(setup["trained"]), "other": str(setup["other"])})
+    assert complete(client, model="other")["choices"][0]["text"] == before
+
+
+def _running_replicas(app: str) -> int:
+    return serve.status().applications[app].deployments["ModelServer"].replica_states.get("RUNNING", 0)
+
+
+def _wait_for(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@pytest.mark.slow
+def test_autoscaling_goes_to_two_replicas_under_load_and_back(client, setup):
+    spec = generate.run_spec(setup["trained"])
+    spec.serve.cpus_per_replica = 0.5
+    a = spec.serve.autoscaling
+    a.min_replicas, a.max_replicas, a.target_ongoing_requests = 1, 2, 1
+    a.upscale_delay_s, a.downscale_delay_s, a.look_back_period_s = 1, 3, 2
+    rs.deploy(spec, setup["base"], {"trained": str(setup["trained"])}, name="scale", route_prefix="/scale")
+    stop, results = threading.Event(), []
+    load = lambda: [client.post("/scale/v1/completions",  # noqa: E731
+                                json={"model": "trained", "prompt": PROMPT, "max_tokens": 48}).status_code
+                    for _ in iter(lambda: stop.is_set(), True)]
+    threads = [threading.Thread(target=lambda: results.extend(load())) for _ in range(6)]
+    try:
+        assert _running_replicas("scale") == 1
+        for t in threads:
+            t.start()
+        assert _wait_for(lambda: _running_replicas("scale") == 2, timeout_s=120), "never scaled up"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    try:
+        assert set(results) == {200}
+        assert _wait_for(lambda: _running_replicas("scale") == 1, timeout_s=90), "never scaled back down"
+    finally:
+        rs.stop("scale")
