@@ -44,6 +44,52 @@ def _serving_verbs(verbs) -> None:
     serve.add_argument("--stop", action="store_true", help="remove the app from the --address cluster")
 
 
+def _pipeline_verbs(verbs) -> None:
+    run = verbs.add_parser("run", help="the whole pipeline: tune (spec has tune.search_space) or train, then serve "
+                                       "the winner and print its URL and one sample completion")
+    _spec_args(run)
+    _address_arg(run)
+    serving = run.add_mutually_exclusive_group()
+    serving.add_argument("--no-serve", action="store_true", help="stop after training/tuning")
+    serving.add_argument("--keep-serving", action="store_true",
+                         help="keep the app up after the sample until Ctrl-C (default: remove it and end)")
+
+    submit = verbs.add_parser("submit", help="submit `ray-sft train|tune|run` to a cluster via the Ray Jobs API")
+    submit.add_argument("spec", help="job spec YAML inside this project (the project is the job's working dir)")
+    submit.add_argument("overrides", nargs="*", metavar="[train|tune|run] key.path=value",
+                        help="the verb to run (default: train), then spec overrides")
+    submit.add_argument("--address", required=True, help="the head's dashboard, e.g. http://HEAD:8265")
+    submit.add_argument("--env", action="append", default=[], metavar="NAME",
+                        help="pass this environment variable's value to the job by name (repeatable)")
+    submit.add_argument("--pip", action="append", default=[], metavar="REQ",
+                        help="pip requirement installed for the job (repeatable); default: the cluster's image")
+    submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+
+    jobs = verbs.add_parser("jobs", help="list, status, logs, stop jobs on a cluster")
+    jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jobs.add_argument("job_id", nargs="?", help="the id `submit` printed (all but list)")
+    jobs.add_argument("--address", required=True, help="the head's dashboard, e.g. http://HEAD:8265")
+    jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+
+
+def _publish_verbs(verbs) -> None:
+    push = verbs.add_parser("push", help="adapter + tokenizer + model card to the Hugging Face Hub (HF_TOKEN)")
+    push.add_argument("--adapter", required=True, help="adapter folder (e.g. runs/NAME/adapter)")
+    push.add_argument("--repo", default=None, help="OWNER/NAME (default: the run's output.hub_repo)")
+    visibility = push.add_mutually_exclusive_group()
+    visibility.add_argument("--private", dest="private", action="store_true", default=None)
+    visibility.add_argument("--public", dest="private", action="store_false")
+    push.add_argument("--dry-run", metavar="OUT", default=None,
+                      help="write exactly the files that would be uploaded to OUT and list them; upload nothing")
+
+    export = verbs.add_parser("export", help="merge the adapter into the unquantized base; check server support")
+    export.add_argument("--adapter", required=True, help="adapter folder")
+    export.add_argument("--merge", metavar="OUT", default=None, help="save base + merged adapter to OUT")
+    export.add_argument("--base", default=None, help="base model; default: the one recorded in the adapter")
+    export.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    export.add_argument("--max-rank", type=int, default=None, help="the target server's max LoRA rank (default 16)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-sft", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -61,11 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
     _address_arg(tune)
     tune.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials stay")
     _serving_verbs(verbs)
+    _pipeline_verbs(verbs)
+    _publish_verbs(verbs)
     return parser
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """argparse stops filling a positional list at the first flag: `VERB spec --address X k=v` leaves k=v over.
+    Leftover positionals join the verb's overrides; anything else is still an error."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from ray_sft.data import DataError
     from ray_sft.spec import SpecError
@@ -167,8 +227,113 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from ray_sft import pipeline, spec, train, tune
+
+    job = spec.load(args.spec, args.overrides)
+    serving = "none" if args.no_serve else "keep" if args.keep_serving else "sample"
+    try:
+        pipeline.run(job, args.address, serving, say=lambda line: print(line, flush=True))
+    except (pipeline.PipelineError, tune.TuneError, train.TrainError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from ray_sft import jobs
+
+    verb, overrides = "train", list(args.overrides)
+    if overrides and overrides[0] in jobs.VERBS:
+        verb = overrides.pop(0)
+    try:
+        job_id = jobs.submit(args.address, args.spec, verb, overrides, args.env, args.pip)
+        print(job_id, flush=True)
+        if args.follow:
+            return _job_exit(jobs.follow(args.address, job_id, _write))
+    except jobs.JobsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from ray_sft import jobs
+
+    if args.action != "list" and not args.job_id:
+        print(f"error: jobs {args.action} needs a job id", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        if args.action == "list":
+            for row in jobs.list_jobs(args.address):
+                print(jobs.describe(row))
+        elif args.action == "status":
+            row = jobs.status(args.address, args.job_id)
+            print(jobs.describe(row) + (f"\n{row.message}" if row.message else ""))
+        elif args.action == "logs" and args.follow:
+            return _job_exit(jobs.follow(args.address, args.job_id, _write))
+        elif args.action == "logs":
+            _write(jobs.logs(args.address, args.job_id))
+        else:
+            print(jobs.describe(jobs.stop(args.address, args.job_id)))
+    except jobs.JobsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _job_exit(row) -> int:
+    print(f"job {row.job_id}: {row.status}", file=sys.stderr)
+    return 0 if row.status == "SUCCEEDED" else EXIT_FAILED
+
+
+def cmd_push(args) -> int:
+    from ray_sft import generate, publish
+
+    try:
+        if args.dry_run:
+            files = publish.stage(args.adapter, args.dry_run)
+            print(f"dry run: would upload to {args.repo or '(output.hub_repo)'}: {len(files)} files in {args.dry_run}")
+            print("\n".join(files))
+            return 0
+        repo = args.repo or generate.run_spec(args.adapter).output.hub_repo
+        if not repo:
+            raise publish.PublishError("push: give --repo OWNER/NAME (or set output.hub_repo in the spec)")
+        private = publish.default_private(args.adapter) if args.private is None else args.private
+        url, files = publish.push(args.adapter, repo, private)
+    except publish.PublishError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"pushed {len(files)} files to {url} ({'private' if private else 'public'})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ray_sft import publish
+
+    try:
+        problems = publish.check(args.adapter, args.max_rank or publish.DEFAULT_MAX_RANK)
+        for problem in problems:
+            print(f"check: {problem.feature}: {problem.why}")
+        if not args.merge:
+            print("check: no problems" if not problems else "check: merge with --merge OUT to serve elsewhere")
+            return EXIT_FAILED if problems else 0
+        out = publish.export_merged(args.adapter, args.merge, args.base, args.dtype)
+    except publish.PublishError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"merged model: {out} ({args.dtype}; loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 VERBS = {"validate": cmd_validate, "train": cmd_train, "tune": cmd_tune, "generate": cmd_generate,
-         "serve": cmd_serve}
+         "serve": cmd_serve, "run": cmd_run, "submit": cmd_submit, "jobs": cmd_jobs, "push": cmd_push,
+         "export": cmd_export}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -418,7 +418,7 @@ def check_fits(spec: JobSpec, resources: dict, cluster: dict) -> None:
     for name, amount in resources.items():
         need, have = n * amount, cluster.get(name, 0)
         if need > have + 1e-9:
-            raise TrainError(f"scaling: {n} worker(s) x {amount} {name} = {need:g} {name} needed, "
+            raise TrainError(f"scaling: {n} worker(s) x {amount:g} {name} = {need:g} {name} needed, "
                              f"but the Ray cluster has {have:g} {name} in total")
 
 

@@ -281,7 +281,7 @@ def test_autoscaling_goes_to_two_replicas_under_load_and_back(client, setup):
     spec.serve.cpus_per_replica = 0.5
     a = spec.serve.autoscaling
     a.min_replicas, a.max_replicas, a.target_ongoing_requests = 1, 2, 1
-    a.upscale_delay_s, a.downscale_delay_s, a.look_back_period_s = 1, 3, 2
+    a.upscale_delay_s, a.downscale_delay_s, a.look_back_period_s = 1, 3, 11  # look-back must exceed 10 s
     rs.deploy(spec, setup["base"], {"trained": str(setup["trained"])}, name="scale", route_prefix="/scale")
     stop, results = threading.Event(), []
     load = lambda: [client.post("/scale/v1/completions",  # noqa: E731

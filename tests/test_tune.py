@@ -102,6 +102,29 @@ def test_default_share_is_one_plain_run_and_as_many_as_fit(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Real searches
 
+# The resume test runs first: a trial ASHA stops leaves its Ray Train worker placement group behind on a
+# dashboard-less cluster (Train V2's cleaner needs the State API), starving later searches in this session.
+
+
+@pytest.mark.slow
+def test_resume_reruns_only_the_failed_trial(ray_cluster, tmp_path):
+    # Trial "crash" loses its only worker at step 1 (scaling.max_failures 0), so the search ends with it failed.
+    overrides = ["output.name=resumed", "tune.scheduler.type=none", "tune.num_samples=1",
+                 "tune.search_space={scaling.crash: {grid: [null, {rank: 0, step: 1}]}}"]
+    assert main(["tune", str(QUICKSTART_TUNE), f"output.dir={tmp_path}", *FAST, *overrides]) == 1
+    run = tmp_path / "resumed"
+    first = pd.read_csv(run / "trials.csv")
+    assert sorted(first["status"]) == ["ERROR", "TERMINATED"]
+    done = first[first["status"] == "TERMINATED"].iloc[0]["trial_id"]
+    metrics_before = (run / "trials" / done / "metrics.jsonl").read_bytes()
+
+    assert main(["tune", str(QUICKSTART_TUNE), f"output.dir={tmp_path}", *FAST, *overrides, "--resume"]) == 0
+    second = pd.read_csv(run / "trials.csv")
+    assert set(second["trial_id"]) == set(first["trial_id"]) and set(second["status"]) == {"TERMINATED"}
+    assert (second["steps"] == 4).all()
+    assert (run / "trials" / done / "metrics.jsonl").read_bytes() == metrics_before  # not trained again
+    assert (run / "best" / "adapter" / "adapter_config.json").is_file()
+
 
 ABSURD_LR = 50.0
 
@@ -147,23 +170,3 @@ def test_search_end_to_end_stops_the_absurd_trial_and_exports_the_best(ray_clust
     base = modeling.load_model(config["base_model_name_or_path"], job, "cpu", training=False)
     model = PeftModel.from_pretrained(base, str(exported.parent))
     assert sum("lora_A" in n for n, _ in model.named_parameters()) > 0
-
-
-@pytest.mark.slow
-def test_resume_reruns_only_the_failed_trial(ray_cluster, tmp_path):
-    # Trial "crash" loses its only worker at step 1 (scaling.max_failures 0), so the search ends with it failed.
-    overrides = ["output.name=resumed", "tune.scheduler.type=none", "tune.num_samples=1",
-                 "tune.search_space={scaling.crash: {grid: [null, {rank: 0, step: 1}]}}"]
-    assert main(["tune", str(QUICKSTART_TUNE), f"output.dir={tmp_path}", *FAST, *overrides]) == 1
-    run = tmp_path / "resumed"
-    first = pd.read_csv(run / "trials.csv")
-    assert sorted(first["status"]) == ["ERROR", "TERMINATED"]
-    done = first[first["status"] == "TERMINATED"].iloc[0]["trial_id"]
-    metrics_before = (run / "trials" / done / "metrics.jsonl").read_bytes()
-
-    assert main(["tune", str(QUICKSTART_TUNE), f"output.dir={tmp_path}", *FAST, *overrides, "--resume"]) == 0
-    second = pd.read_csv(run / "trials.csv")
-    assert set(second["trial_id"]) == set(first["trial_id"]) and set(second["status"]) == {"TERMINATED"}
-    assert (second["steps"] == 4).all()
-    assert (run / "trials" / done / "metrics.jsonl").read_bytes() == metrics_before  # not trained again
-    assert (run / "best" / "adapter" / "adapter_config.json").is_file()

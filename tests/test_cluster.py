@@ -1,0 +1,125 @@
+"""Every cluster config parses, and they agree: one image tag, `ray-sft` commands the CLI accepts, spec files that
+exist in jobs/ and validate with their overrides, autoscaling GPU worker groups. No registry host is named."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_sft import cli, spec
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+MANIFESTS = sorted(CLUSTER.rglob("*.yaml"))
+IMAGE = "IMAGE_REPO/ray-sft:0.1.0"
+COMMAND = re.compile(r"ray-sft (\w+) (jobs/[\w./-]+\.yaml)")
+REGISTRY_HOSTS = re.compile(r"docker\.io|ghcr\.io|gcr\.io|quay\.io|nvcr\.io|amazonaws\.com|azurecr\.io|"
+                            r"pkg\.dev|registry\.k8s\.io|registry-1\.")
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _by_kind(kind: str) -> dict:
+    (doc,) = [d for p in MANIFESTS for d in _docs(p) if d.get("kind") == kind]
+    return doc
+
+
+def _walk(node, key: str):
+    """Every value stored under `key` anywhere in a parsed document."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            yield from _walk(v, key)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _walk(item, key)
+
+
+def test_every_manifest_parses_and_all_kinds_are_there():
+    assert {p.relative_to(CLUSTER).as_posix() for p in MANIFESTS} >= {
+        "ray-cluster.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/rayservice.yaml"}
+    kinds = {d.get("kind") for p in MANIFESTS for d in _docs(p)}
+    assert {"RayCluster", "RayJob", "RayService"} <= kinds
+
+
+def test_one_image_tag_everywhere():
+    images = {i for p in MANIFESTS for d in _docs(p) for i in _walk(d, "image")}
+    assert images == {IMAGE}
+    mentioned = {m for p in CLUSTER.rglob("*") if p.is_file()
+                 for m in re.findall(r"[\w.-]+/ray-sft:[\w.]+", p.read_text())}
+    assert mentioned == {IMAGE}
+
+
+def test_no_registry_host_is_named_anywhere_in_the_repo():
+    skip = {".venv", ".git", ".gpu", "runs", ".pytest_cache", "__pycache__"}
+    files = [p for p in REPO.rglob("*") if p.is_file() and not skip & set(p.relative_to(REPO).parts)
+             and p.suffix in {".py", ".md", ".yaml", ".yml", ".sh", ".toml", ".txt", ""}]
+    hits = [f"{p.relative_to(REPO)}: {m}" for p in files if p != Path(__file__)
+            for m in REGISTRY_HOSTS.findall(p.read_text(errors="ignore"))]
+    assert hits == []
+
+
+def test_commands_are_real_verbs_on_real_specs():
+    texts = [p.read_text() for p in [*MANIFESTS, CLUSTER / "README.md"]]
+    commands = {c for text in texts for c in COMMAND.findall(text)}
+    assert ("tune", "jobs/llm-jp-3-1.8b-dolly-ja-tune.yaml") in commands
+    for verb, path in commands:
+        assert verb in cli.VERBS, verb
+        assert (REPO / path).is_file(), path
+
+
+def test_rayjob_entrypoint_parses_and_its_spec_validates():
+    argv = shlex.split(_by_kind("RayJob")["spec"]["entrypoint"])
+    assert argv[:2] == ["ray-sft", "tune"]
+    args = cli.build_parser().parse_args(argv[1:])
+    job = spec.load(REPO / args.spec, args.overrides)
+    assert job.tune.search_space and job.scaling.use_gpu is True
+
+
+def test_rayservice_serves_the_rayjobs_spec_and_its_builder_exists():
+    (app,) = yaml.safe_load(_by_kind("RayService")["spec"]["serveConfigV2"])["applications"]
+    job_argv = shlex.split(_by_kind("RayJob")["spec"]["entrypoint"])
+    assert app["args"]["spec"] == job_argv[2]
+    assert "output.dir=/mnt/runs" in app["args"]["overrides"] and "output.dir=/mnt/runs" in job_argv
+    job = spec.load(REPO / app["args"]["spec"], app["args"]["overrides"])
+    assert job.serve.host == "0.0.0.0" and job.serve.api_key_env  # public bind only with an API key
+    module, attr = app["import_path"].split(":")
+    assert importlib.util.find_spec(module) is not None
+    import ray_sft.serve as serve_module
+
+    if not hasattr(serve_module, attr):
+        pytest.xfail(f"{app['import_path']} is not implemented yet (serve.py owner): RayService needs it")
+
+
+def _gpu_groups(doc: dict) -> list[dict]:
+    cluster = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
+    return [g for g in cluster["workerGroupSpecs"]
+            if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])]
+
+
+@pytest.mark.parametrize("kind", ["RayCluster", "RayJob", "RayService"])
+def test_kuberay_gpu_groups_autoscale_with_token_auth(kind):
+    doc = _by_kind(kind)
+    cluster = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    (group,) = _gpu_groups(doc)
+    assert group["minReplicas"] < group["maxReplicas"]
+    envs = [e for e in _walk(doc, "env")]
+    modes = {e["value"] for env in envs for e in env if e["name"] == "RAY_AUTH_MODE"}
+    assert modes == {"token"}
+
+
+def test_launcher_has_an_autoscaling_gpu_worker_type_and_installs_the_project():
+    (config,) = _docs(CLUSTER / "ray-cluster.yaml")
+    workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
+    assert any(t["min_workers"] < t["max_workers"] for t in workers)
+    assert config["docker"]["image"] == IMAGE
+    assert any("pip install" in c and "ray_sft" in c for c in config["setup_commands"])
