@@ -22,7 +22,7 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     """Yield with Ray initialised; shut down only what this call started.
 
     address None: inside a Ray job (RAY_ADDRESS set) join that cluster, else start a private local cluster
-    with its own temp dir and no dashboard, which never touches other Ray clusters on the machine. (Ray 2.60
+    with its own temp dir and a loopback-only dashboard, which never touches other Ray clusters on the machine. (Ray 2.60
     advertises the machine's routable address for its internal ports even when asked for 127.0.0.1; the
     services ray_sft itself opens, such as Serve's HTTP port, bind 127.0.0.1 unless told otherwise.)
     """
@@ -59,8 +59,11 @@ def _start_local(num_cpus: int | None, runtime_env: dict, attempts: int = 3) -> 
         # A short path: Ray's unix sockets live under it and have a ~100 character limit.
         temp_dir = tempfile.mkdtemp(prefix="rsft-", dir="/tmp")
         try:
-            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, _temp_dir=temp_dir,
-                     num_cpus=num_cpus, runtime_env=runtime_env, configure_logging=False)
+            # The dashboard serves Ray's state API, which Ray Train needs to release the CPUs/GPUs of a run
+            # whose controller died (e.g. a trial ASHA stopped); it listens on loopback only.
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True,
+                     dashboard_host="127.0.0.1", _temp_dir=temp_dir, num_cpus=num_cpus, runtime_env=runtime_env,
+                     configure_logging=False)
             break
         except Exception as exc:  # Ray raises a bare Exception for a node that timed out during startup
             ray.shutdown()

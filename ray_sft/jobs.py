@@ -120,6 +120,9 @@ def spec_in_project(spec_path: str | Path) -> str:
 
 def env_values(names: list[str]) -> dict[str, str]:
     """The named variables from this environment; a missing one is an error that names it (never a value)."""
+    ours = [n for n in names if n in QUIET_ENV]
+    if ours:  # the job's driver sets these in its own ray.init; Ray refuses a job that sets them too
+        raise JobsError(f"--env {', '.join(ours)}: set by ray_sft itself in every job")
     missing = [n for n in names if n not in os.environ]
     if missing:
         raise JobsError(f"--env {', '.join(missing)}: not set in this environment")
@@ -134,7 +137,9 @@ def entrypoint(verb: str, spec_rel: str, overrides: list[str], extra: list[str] 
 
 
 def runtime_env(env: dict[str, str], pip: list[str]) -> dict:
-    renv = {"working_dir": str(PROJECT), "excludes": list(EXCLUDES), "env_vars": {**QUIET_ENV, **env}}
+    # Not QUIET_ENV: cluster.connect passes those in the job driver's ray.init, and Ray fails a job whose
+    # runtime_env sets a variable the driver's sets too (printing the whole runtime_env, values included).
+    renv = {"working_dir": str(PROJECT), "excludes": list(EXCLUDES), "env_vars": dict(env)}
     if pip:
         renv["pip"] = list(pip)
     return renv

@@ -45,8 +45,6 @@ LADDER = {
     "micro 32, padding-free, varlen, no ckpt": ["training.micro_batch_size=32", "training.padding_free=true",
                                                 "model.attn_implementation=varlen",
                                                 "training.gradient_checkpointing=false"],
-    "micro 64, padding-free, flex": ["training.micro_batch_size=64", "training.padding_free=true",
-                                     "model.attn_implementation=flex_attention"],
 }
 
 
