@@ -134,16 +134,33 @@ def deploy(spec: JobSpec, base: str, adapters: dict[str, str], api_key: str | No
 
     When the app already runs with the same base, spec and key, only the adapters change: a hot swap.
     """
+    registry, version, running = _publish(spec, base, adapters, api_key, name, route_prefix)
+    if not running:
+        serve.run(build_app(spec, base, _registry_name(name), api_key), name=name, route_prefix=route_prefix)
+    _wait_applied(registry, name, version, timeout_s)
+
+
+def app_builder(args: dict):
+    """Serve config entry point (KubeRay RayService, `serve run`): args {"spec": JOB.yaml, "overrides": [...]}.
+
+    Serves what `ray-sft serve JOB.yaml` serves; the API key comes from the spec's environment variable.
+    """
+    job, base, adapters = targets(args["spec"], list(args.get("overrides", [])), [], None)
+    key = api_key(job, job.serve.host)
+    _publish(job, base, adapters, key, APP_NAME, "/")
+    return build_app(job, base, _registry_name(APP_NAME), key)
+
+
+def _publish(spec: JobSpec, base: str, adapters: dict[str, str], api_key: str | None, name: str,
+             route_prefix: str):
+    """Put the adapters in the app's registry; (registry, version, whether the same app already runs)."""
     _check_adapters(spec, base, adapters)
     entries = {n: adapter_entry(p) for n, p in adapters.items()}
     setup = hashlib.sha256(repr((base, to_dict(spec), _digest(api_key), route_prefix)).encode()).hexdigest()
     registry = AdapterRegistry.options(name=_registry_name(name), namespace=REGISTRY_NAMESPACE, lifetime="detached",
                                        get_if_exists=True).remote()
     running = name in serve.status().applications and ray.get(registry.setup.remote()) == setup
-    version = ray.get(registry.publish.remote(entries, setup))
-    if not running:
-        serve.run(build_app(spec, base, _registry_name(name), api_key), name=name, route_prefix=route_prefix)
-    _wait_applied(registry, name, version, timeout_s)
+    return registry, ray.get(registry.publish.remote(entries, setup)), running
 
 
 def _wait_applied(registry, name: str, version: int, timeout_s: float) -> None:
