@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import socket
-import statistics
 import time
 
 PROMPTS = ["時間管理能力をあげるには?", "猫について教えてください。", "日本で一番高い山は?", "水の沸点は?",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
 
 from ray_sft import cli, generate, modeling, publish, run_files
 from ray_sft.spec import GenerationSpec

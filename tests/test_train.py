@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_sft import data, modeling, run_files, train
+from ray_sft import data, execution, modeling, run_files, train
 from tests.conftest import FAST, quick_spec
 
 
@@ -156,7 +156,7 @@ def _step_loss(tmp_path, tiny_model_path, *overrides):
     rows = data.load_examples(job, tokenizer).train
     trainer = train.build_trainer(job, tiny_model_path, tokenizer, rows, [], "cpu", str(tmp_path / "out"))
     loader = trainer.get_train_dataloader()
-    micro, accumulation = train.micro_batching(job)
+    micro, accumulation = execution.micro_batching(job)
     batches = [trainer._prepare_inputs(b) for b, _ in zip(loader, range(accumulation))]
     count = trainer._get_num_items_in_batch(batches, trainer.args.device)
     trainer.model.eval()
@@ -190,7 +190,7 @@ def test_recipe_neftune_noise_scale_survives_padding_free():
     import torch
 
     lengths = [5, 3, 7, 2, 4, 4]  # two recipe batches of 3 rows: padded to 7, then to 4
-    neftune = train.RecipeNeftune(alpha=5.0, group_rows=3)
+    neftune = execution.RecipeNeftune(alpha=5.0, group_rows=3)
     neftune.batch = {"attention_mask": torch.tensor([[1] * n + [0] * (7 - n) for n in lengths])}
     padded = neftune.magnitude(torch.zeros(6, 7, 8)).expand(6, 7, 1)  # one scale per padded row
     neftune.batch = {"attention_mask": None, "position_ids": torch.cat([torch.arange(n) for n in lengths])[None]}

@@ -1,0 +1,81 @@
+"""How an optimizer step is executed, without changing what it computes.
+
+The recipe's step is per_device_batch_size x gradient_accumulation_steps rows; ray_sft may run it as fewer, larger
+forward passes (`training.micro_batch_size`) and padding-free. These helpers keep the recipe's semantics when it
+does: the same rows per step, rows cut at max_length, and NEFTune noise at the recipe's per-batch scale.
+"""
+
+from __future__ import annotations
+
+from ray_sft.spec import JobSpec
+
+
+def micro_batching(spec: JobSpec) -> tuple[int, int]:
+    """(rows per forward pass, forward passes per optimizer step): the spec's step, executed as it asks."""
+    t = spec.training
+    rows_per_step = t.per_device_batch_size * t.gradient_accumulation_steps
+    micro = t.micro_batch_size or rows_per_step
+    return micro, rows_per_step // micro
+
+
+def truncate_rows(dataset, max_length: int):
+    """Keep each tokenized row's first max_length tokens, as TRL's own truncation does without padding_free."""
+    return dataset.map(lambda row: {"input_ids": row["input_ids"][:max_length], "labels": row["labels"][:max_length]})
+
+
+class RecipeNeftune:
+    """NEFTune noise at the recipe's scale whatever the micro-batch shape.
+
+    TRL (transformers' neftune_post_forward_hook) draws uniform noise of magnitude alpha / sqrt(L * d), with L the
+    padded length of the batch: in the recipe, the longest row of each group of `group_rows` consecutive rows
+    (per_device_batch_size). Here every token gets the L of its own row's group, read from the attention mask
+    (padded rows) or from the position ids (padding-free rows, one sequence per position-id run from 0).
+    """
+
+    def __init__(self, alpha: float, group_rows: int):
+        self.alpha, self.group_rows = alpha, group_rows
+        self.batch: dict = {}
+
+    def attach(self, model) -> None:
+        from transformers.trainer_utils import _is_peft_model
+
+        base = model.base_model.model if _is_peft_model(model) else model
+        model.register_forward_pre_hook(self._remember_batch, with_kwargs=True)
+        base.get_input_embeddings().register_forward_hook(self._add_noise)
+
+    def _remember_batch(self, module, args, kwargs):
+        self.batch = {k: kwargs.get(k) for k in ("attention_mask", "position_ids")}
+
+    def _add_noise(self, module, inputs, output):
+        import torch
+
+        if not module.training:
+            return output
+        return output + (torch.rand_like(output) * 2 - 1) * self.magnitude(output).to(output.dtype)
+
+    def magnitude(self, embeddings):
+        """alpha / sqrt(L * d) per token, broadcastable to `embeddings` (batch, tokens, d)."""
+        import torch
+
+        mask, positions = self.batch.get("attention_mask"), self.batch.get("position_ids")
+        if mask is not None:  # padded rows: a row's length is its mask's sum
+            lengths = mask.sum(-1)
+            group_of_row = torch.arange(lengths.numel(), device=lengths.device) // self.group_rows
+            group_length = _group_max(lengths, group_of_row)[group_of_row][:, None]
+        elif positions is not None and embeddings.size(0) == 1:  # padding-free: rows start where positions are 0
+            starts = positions[0] == 0
+            row_of_token = starts.cumsum(0) - 1
+            bounds = torch.cat([starts.nonzero().flatten(), torch.tensor([starts.numel()], device=starts.device)])
+            lengths = bounds.diff()
+            group_of_row = torch.arange(lengths.numel(), device=lengths.device) // self.group_rows
+            group_length = _group_max(lengths, group_of_row)[group_of_row][row_of_token][None]
+        else:  # neither: the batch tensor's own length, as TRL does
+            group_length = torch.full(embeddings.shape[:2], embeddings.size(1), device=embeddings.device)
+        return (self.alpha / torch.sqrt(group_length.float() * embeddings.size(-1)))[..., None]
+
+
+def _group_max(values, groups):
+    import torch
+
+    out = torch.zeros(int(groups.max()) + 1, dtype=values.dtype, device=values.device)
+    return out.scatter_reduce(0, groups, values, reduce="amax")
