@@ -7,9 +7,14 @@ import os
 import shutil
 import tempfile
 
-# Worker logs otherwise carry thousands of lines of bytecode dumps from Ray Train's print patch.
-QUIET_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false",
-             "HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+# Set for every process of a run (driver, Ray Train controller, workers):
+# - RAY_TRAIN_ENABLE_PRINT_PATCH=0: worker logs otherwise carry thousands of lines of bytecode dumps.
+# - RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: the controller collects reports at this interval (default 2 s) and a
+#   worker's next report waits until the previous one is collected; logging steps shorter than that stalled, and a
+#   worker dying within 2 s of a checkpoint report lost that checkpoint to a restart.
+RAY_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
 
 def embedded(address: str | None) -> bool:
@@ -28,13 +33,13 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     """
     import ray
 
-    for key, value in QUIET_ENV.items():
+    for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         yield
         return
     temp_dir = None
-    runtime_env = {"env_vars": {k: os.environ[k] for k in QUIET_ENV}}
+    runtime_env = {"env_vars": {k: os.environ[k] for k in RAY_ENV}}
     if not embedded(address):
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:

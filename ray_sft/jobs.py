@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray_sft.cluster import QUIET_ENV
+from ray_sft.cluster import RAY_ENV
 
 PROJECT = Path(__file__).resolve().parents[1]
 VERBS = ("train", "tune", "run")
@@ -120,7 +120,7 @@ def spec_in_project(spec_path: str | Path) -> str:
 
 def env_values(names: list[str]) -> dict[str, str]:
     """The named variables from this environment; a missing one is an error that names it (never a value)."""
-    ours = [n for n in names if n in QUIET_ENV]
+    ours = [n for n in names if n in RAY_ENV]
     if ours:  # the job's driver sets these in its own ray.init; Ray refuses a job that sets them too
         raise JobsError(f"--env {', '.join(ours)}: set by ray_sft itself in every job")
     missing = [n for n in names if n not in os.environ]
@@ -137,7 +137,7 @@ def entrypoint(verb: str, spec_rel: str, overrides: list[str], extra: list[str] 
 
 
 def runtime_env(env: dict[str, str], pip: list[str]) -> dict:
-    # Not QUIET_ENV: cluster.connect passes those in the job driver's ray.init, and Ray fails a job whose
+    # Not RAY_ENV: cluster.connect passes those in the job driver's ray.init, and Ray fails a job whose
     # runtime_env sets a variable the driver's sets too (printing the whole runtime_env, values included).
     renv = {"working_dir": str(PROJECT), "excludes": list(EXCLUDES), "env_vars": dict(env)}
     if pip:

@@ -220,6 +220,9 @@ def _report_callback_class():
                 marker = Path(self.run_dir) / CRASH_MARKER
                 if not marker.exists():
                     marker.write_text(f"rank {self.rank} exited at step {state.global_step}\n")
+                    # Die after the controller has collected the last report (it polls every
+                    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): the injected crash is then reproducibly mid-run.
+                    time.sleep(1.0)
                     os._exit(17)
 
         def _report(self, state, checkpoint_dir):
