@@ -20,7 +20,6 @@ def _address_arg(parser: argparse.ArgumentParser) -> None:
                         help="Ray cluster to join ('auto', 'ray://host:10001'); default: a private local cluster")
 
 
-
 def _serving_verbs(verbs) -> None:
     generate = verbs.add_parser("generate", help="the recipe's inference with an adapter, locally (no Ray)")
     generate.add_argument("prompt", help="the instruction; it is rendered with the run's inference template")
