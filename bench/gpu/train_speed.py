@@ -37,6 +37,7 @@ ROWS = 1024
 TIMED_FIRST, TIMED_LAST = 1, 4  # time steps 2..4: step 1 warms up, the last step of a Ray run also saves
 # Each change of the fast settings alone, in order (plain process through ray_sft's own trainer).
 LADDER = {
+    "recipe spec, no Ray": [],  # (b) without Ray: what Ray itself costs, apart from ray_sft's trainer
     "micro 64, padded": ["training.micro_batch_size=64", "training.padding_free=false"],
     "micro 64, padding-free, sdpa": ["training.micro_batch_size=64", "training.padding_free=true"],
     "micro 64, padding-free, varlen": ["training.micro_batch_size=64", "training.padding_free=true",
@@ -277,6 +278,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU: dry-run the script")
     parser.add_argument("--loss-steps", type=int, default=10)
+    parser.add_argument("--ladder", default="all", help="ladder entries to run: 'all' or indices like 0+3")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=5, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -309,7 +311,10 @@ def main() -> None:
         rows["(c) ray-sft train, fast spec"] = summarise(
             ray_run(args.work, FAST_SPEC, "c", args.loss_steps, args.device, deadline, cpu))
     if "ladder" in runs:
+        chosen = range(len(LADDER)) if args.ladder == "all" else [int(i) for i in args.ladder.split("+")]
         for i, (name, extra) in enumerate(LADDER.items()):
+            if i not in chosen:
+                continue
             if args.device == "cpu" and "varlen" in name:
                 continue  # torch's varlen kernel is CUDA-only
             rows[name] = summarise(plain_run(args.work, "variant", short, args.device, deadline, f"l{i}", extra))
