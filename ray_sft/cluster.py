@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
+
+log = logging.getLogger(__name__)
 
 # Set for every process of a run (driver, Ray Train controller, workers):
 # - RAY_TRAIN_ENABLE_PRINT_PATCH=0: worker logs otherwise carry thousands of lines of bytecode dumps.
@@ -27,7 +30,7 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     """Yield with Ray initialised; shut down only what this call started.
 
     address None: inside a Ray job (RAY_ADDRESS set) join that cluster, else start a private local cluster
-    with its own temp dir and a loopback-only dashboard, which never touches other Ray clusters on the machine. (Ray 2.60
+    with its own temp dir and a loopback-only dashboard (when installed), which never touches other Ray clusters on the machine. (Ray 2.60
     advertises the machine's routable address for its internal ports even when asked for 127.0.0.1; the
     services ray_sft itself opens, such as Serve's HTTP port, bind 127.0.0.1 unless told otherwise.)
     """
@@ -60,13 +63,12 @@ def _start_local(num_cpus: int | None, runtime_env: dict, attempts: int = 3) -> 
     """
     import ray
 
+    dashboard = dashboard_available()
     for attempt in range(1, attempts + 1):
         # A short path: Ray's unix sockets live under it and have a ~100 character limit.
         temp_dir = tempfile.mkdtemp(prefix="rsft-", dir="/tmp")
         try:
-            # The dashboard serves Ray's state API, which Ray Train needs to release the CPUs/GPUs of a run
-            # whose controller died (e.g. a trial ASHA stopped); it listens on loopback only.
-            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True,
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=dashboard,
                      dashboard_host="127.0.0.1", _temp_dir=temp_dir, num_cpus=num_cpus, runtime_env=runtime_env,
                      configure_logging=False)
             break
@@ -76,3 +78,20 @@ def _start_local(num_cpus: int | None, runtime_env: dict, attempts: int = 3) -> 
             if attempt == attempts or "timed out during startup" not in str(exc):
                 raise
     return temp_dir
+
+
+def dashboard_available() -> bool:
+    """Whether Ray's dashboard packages (ray[default]) are installed.
+
+    The dashboard serves Ray's state API, which Ray Train needs to release the CPUs/GPUs of a run whose controller
+    died (a trial ASHA stopped, say); it listens on loopback only. A slim Ray install (such as a GPU image with
+    bare `ray`) still runs everything, with a warning: there, a stopped trial's resources are freed only when the
+    search ends.
+    """
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401
+    except ImportError as exc:
+        log.warning("Ray's dashboard packages are missing (%s): the local cluster starts without the dashboard, "
+                    "and resources of stopped trials are freed only when the run ends", exc)
+        return False
+    return True

@@ -106,24 +106,56 @@ def prompt_for(instruction: str, spec: JobSpec) -> str:
 
 
 def complete(model, tokenizer, prompts: list[str], settings: GenerationSpec, stops: list[list[str]] | None = None,
-             limits: list[int] | None = None, streamer=None) -> list[Completion]:
+             limits: list[int] | None = None, streamer=None, rows: int | None = None,
+             cache_len: int | None = None) -> list[Completion]:
     """Generate for a batch of rendered prompts (left padded) and decode only the new tokens.
 
     `limits` caps each prompt's new tokens below settings.max_new_tokens (one batch serves requests with
-    different max_tokens); `stops` are per-prompt stop strings, cut after decoding.
+    different max_tokens); `stops` are per-prompt stop strings, cut after decoding. `rows` pads the batch to that
+    many rows (copies of the last prompt, dropped afterwards) and `cache_len` decodes with a static KV cache of
+    that length: together they keep a compiled decoder to a few shapes (see `static_cache_len`).
     """
     import torch
 
-    batch = tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+    batch_prompts = prompts + prompts[-1:] * ((rows or len(prompts)) - len(prompts))
+    batch = tokenizer(batch_prompts, add_special_tokens=False, padding=True, padding_side="left",
+                      return_tensors="pt")
     batch = batch.to(model.device)
+    kwargs = decoding_kwargs(settings, tokenizer) | static_cache_kwargs(cache_len)
     with torch.inference_mode():
-        output = model.generate(**batch, **decoding_kwargs(settings, tokenizer), streamer=streamer)
-    new = output[:, batch["input_ids"].shape[1]:].tolist()
+        output = model.generate(**batch, **kwargs, streamer=streamer)
+    new = output[: len(prompts), batch["input_ids"].shape[1]:].tolist()
     prompt_lengths = batch["attention_mask"].sum(dim=1).tolist()
     limits = limits or [settings.max_new_tokens] * len(prompts)
     stops = stops or [[] for _ in prompts]
     return [finish(tokenizer, ids[:limit], length, stop)
             for ids, length, limit, stop in zip(new, prompt_lengths, limits, stops)]
+
+
+def static_cache_len(model, spec: JobSpec) -> int | None:
+    """The static KV cache length `model` decodes with under `spec`, or None for the dynamic cache.
+
+    Only a dense (merged) model gets one: 4-bit layers and adapters switched per batch do not compile. The length
+    covers the longest request the server accepts, so the cache, and with it the compiled graph, is built once.
+    """
+    from peft import PeftModel
+
+    if not spec.generation.static_cache or isinstance(model, PeftModel) or getattr(model, "is_quantized", False):
+        return None
+    return spec.serve.max_prompt_tokens + max(spec.serve.max_tokens_limit, spec.generation.max_new_tokens)
+
+
+def static_cache_kwargs(cache_len: int | None) -> dict:
+    from transformers import GenerationConfig
+
+    if cache_len is None:
+        return {}
+    kwargs = {"cache_implementation": "static"}
+    # Older transformers size the cache per call (the longest call so far): it then grows, and recompiles, once
+    # per longer request instead of never.
+    if hasattr(GenerationConfig(), "max_cache_len"):
+        kwargs["max_cache_len"] = cache_len
+    return kwargs
 
 
 def decoding_kwargs(settings: GenerationSpec, tokenizer) -> dict:
@@ -159,7 +191,8 @@ def generate(loaded: Loaded, instruction: str, settings: GenerationSpec | None =
     """The recipe's inference cell: one instruction, its inference prompt, the recipe's decoding."""
     settings = settings or loaded.spec.generation
     prompt = prompt_for(instruction, loaded.spec)
-    return complete(loaded.model, loaded.tokenizer, [prompt], settings)[0]
+    cache_len = static_cache_len(loaded.model, dataclasses.replace(loaded.spec, generation=settings))
+    return complete(loaded.model, loaded.tokenizer, [prompt], settings, cache_len=cache_len)[0]
 
 
 def with_overrides(settings: GenerationSpec, **values) -> GenerationSpec:

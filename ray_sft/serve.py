@@ -225,6 +225,17 @@ class AdapterRegistry:
 # Replica side
 
 
+def batch_sizes(max_batch_size: int) -> list[int]:
+    """The batch sizes a static-cache replica runs: powers of two, and the largest batch (one compiled graph each)."""
+    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
+    return sizes + [max_batch_size]
+
+
+def batch_rows(requests: int, max_batch_size: int) -> int:
+    """The rows a batch of `requests` is padded to: the smallest of `batch_sizes` that holds them."""
+    return next(size for size in batch_sizes(max_batch_size) if size >= requests)
+
+
 @dataclass
 class Job:
     """One request on its way through a batch."""
@@ -255,7 +266,8 @@ class RowStreamer:
         if not self.prompt_seen:  # generate() first passes the prompt ids
             self.prompt_seen = True
             return
-        for row, token in enumerate(value.reshape(len(self.jobs), -1)[:, -1].tolist()):
+        # A padded batch (see batch_rows) has rows beyond the jobs: those are not streamed.
+        for row, token in enumerate(value.reshape(value.shape[0], -1)[: len(self.jobs), -1].tolist()):
             job, ids = self.jobs[row], self.ids[row]
             if job.stream is None or len(ids) >= job.settings.max_new_tokens or self.tokenizer.eos_token_id in ids:
                 continue
@@ -349,6 +361,7 @@ class ModelServer:
                 (name, entry), = wanted.items()
                 base_model = generate.load_base(self.base, self.spec, self.device)[1]
                 self.model = generate.merged(base_model, entry["path"])
+                self._warm_up()
                 self.adapters, self.stamps = {name: "default"}, dict(wanted)
             return
         replaced = [self.adapters[n] for n in self.adapters if n not in wanted or n in changed]
@@ -361,6 +374,17 @@ class ModelServer:
             del self.adapters[name], self.stamps[name]
         for internal in replaced:
             self.model.delete_adapter(internal)
+
+    def _warm_up(self) -> None:
+        """Decode once at every batch size a static-cache model will see, before the model serves: on CUDA each
+        size compiles (tens of seconds), which no request should wait for."""
+        cache_len = generate.static_cache_len(self.model, self.spec)
+        if cache_len is None:
+            return
+        started, settings = time.monotonic(), dataclasses.replace(self.spec.generation, max_new_tokens=2)
+        for rows in batch_sizes(self.spec.serve.max_batch_size):
+            generate.complete(self.model, self.tokenizer, ["warm-up"], settings, rows=rows, cache_len=cache_len)
+        log.info("static-cache decoder warmed up in %.1fs (cache length %d)", time.monotonic() - started, cache_len)
 
     def served_models(self) -> list[str]:
         return list(self.adapters) + ([] if self.spec.serve.merge else [base_name(self.base)])
@@ -475,6 +499,7 @@ class ModelServer:
             s = job.settings
             groups[(job.model, s.do_sample, s.temperature, s.top_p, s.repetition_penalty)].append(index)
         results: list[Completion | ApiError | None] = [None] * len(jobs)
+        cache_len = generate.static_cache_len(self.model, self.spec)
         for (model, *_), indices in groups.items():
             members = [jobs[i] for i in indices]
             settings = dataclasses.replace(members[0].settings,
@@ -484,7 +509,9 @@ class ModelServer:
                 with self._selected(model):
                     done = generate.complete(self.model, self.tokenizer, [j.prompt for j in members], settings,
                                              stops=[j.stops for j in members],
-                                             limits=[j.settings.max_new_tokens for j in members], streamer=streamer)
+                                             limits=[j.settings.max_new_tokens for j in members], streamer=streamer,
+                                             rows=batch_rows(len(members), self.spec.serve.max_batch_size)
+                                             if cache_len else None, cache_len=cache_len)
             except ApiError as error:
                 done = [error] * len(members)
             for index, completion in zip(indices, done):

@@ -184,6 +184,10 @@ class GenerationSpec:
     temperature: float = field(default=1.0, metadata=POSITIVE)
     top_p: float = field(default=1.0, metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
     repetition_penalty: float = field(default=1.2, metadata=POSITIVE)
+    # A merged (dense) model decodes with a static KV cache: on CUDA transformers then compiles the decode step
+    # into CUDA graphs, which removes the per-token launch cost that bounds eager decoding (bench/RESULTS.md).
+    # Unmerged models (4-bit layers, adapters switched per batch) keep the dynamic cache.
+    static_cache: bool = True
     sample_prompts: list[str] = field(default_factory=lambda: ["時間管理能力をあげるには?"])
 
 

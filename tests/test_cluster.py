@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,12 @@ def test_launcher_has_an_autoscaling_gpu_worker_type_and_installs_the_project():
     assert any(t["min_workers"] < t["max_workers"] for t in workers)
     assert config["docker"]["image"] == IMAGE
     assert any("pip install" in c and "ray_sft" in c for c in config["setup_commands"])
+
+
+def test_local_cluster_starts_without_the_dashboard_when_its_packages_are_missing(monkeypatch, caplog):
+    from ray_sft import cluster
+
+    assert cluster.dashboard_available()  # the project's own install has ray[default]
+    monkeypatch.setitem(sys.modules, "ray.dashboard.optional_deps", None)  # what a slim `ray` install looks like
+    assert not cluster.dashboard_available()
+    assert "dashboard packages are missing" in caplog.text

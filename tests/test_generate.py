@@ -77,6 +77,30 @@ def test_merged_model_gives_the_same_greedy_output(adapter, loaded):
                                                                          for p in PROMPTS[:2]]
 
 
+def test_static_cache_batch_with_padding_rows_equals_dynamic_one_by_one(adapter, loaded):
+    """What a merged serve replica runs: a static KV cache sized for the longest request, the batch padded up to
+    a compiled size; the text must be what the dynamic cache gives each prompt alone."""
+    from transformers import StaticCache
+
+    merged = generate.load(adapter, merge=True)
+    cache_len = generate.static_cache_len(merged.model, merged.spec)
+    assert cache_len == merged.spec.serve.max_prompt_tokens + merged.spec.serve.max_tokens_limit
+    assert generate.static_cache_len(loaded.model, loaded.spec) is None  # 4-bit + adapters: dynamic cache
+    caches = []
+    hook = merged.model.register_forward_pre_hook(
+        lambda module, args, kwargs: caches.append(type(kwargs.get("past_key_values") or kwargs.get("cache"))),
+        with_kwargs=True)
+    prompts = [generate.prompt_for(p, merged.spec) for p in PROMPTS[:3]]
+    settings = generate.with_overrides(merged.spec.generation, max_new_tokens=40)
+    try:
+        static = generate.complete(merged.model, merged.tokenizer, prompts, settings, rows=4, cache_len=cache_len)
+    finally:
+        hook.remove()
+    assert caches and set(caches) == {StaticCache}
+    dynamic = [generate.complete(merged.model, merged.tokenizer, [p], settings)[0] for p in prompts]
+    assert len(static) == 3 and static == dynamic
+
+
 def test_adapter_changes_the_output(loaded, tiny_model_path):
     tokenizer, base = generate.load_base(tiny_model_path, loaded.spec)
     prompt = generate.prompt_for(PROMPTS[0], loaded.spec)

@@ -64,8 +64,8 @@ def chat(client, messages, **fields):
     return r.json()
 
 
-def stream_events(client, path, body) -> list:
-    with client.stream("POST", path, json={**body, "stream": True}) as r:
+def stream_events(client, path, body, headers=None) -> list:
+    with client.stream("POST", path, json={**body, "stream": True}, headers=headers) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
@@ -190,6 +190,12 @@ def test_32_concurrent_requests_batch_and_match_one_by_one(client):
     assert [r["choices"][0]["text"] for r in results] == [alone[job] for job in jobs]
 
 
+def test_static_cache_batches_are_padded_to_few_sizes():
+    assert rs.batch_sizes(1) == [1] and rs.batch_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert rs.batch_sizes(12) == [1, 2, 4, 8, 12]
+    assert [rs.batch_rows(n, 12) for n in (1, 2, 3, 5, 8, 9, 12)] == [1, 2, 4, 8, 8, 12, 12]
+
+
 def test_public_host_requires_an_api_key(setup, monkeypatch):
     spec = setup["spec"]
     monkeypatch.setattr(spec.serve, "api_key_env", None)
@@ -230,6 +236,19 @@ def test_api_key_and_merged_model(client, setup, monkeypatch):
         assert [m["id"] for m in models] == ["trained"]  # a merged replica has no bare base to offer
         merged = complete(client, prefix="/secure", headers=good)["choices"][0]["text"]
         assert merged == complete(client)["choices"][0]["text"]
+        # The merged replica decodes with a static cache in batches padded to 1, 2, 4 or 8 rows: concurrent
+        # requests, one of them streamed, get the text each gets alone.
+        prompts = ["猫", "水", PROMPT]
+        alone = [complete(client, prefix="/secure", headers=good, prompt=p)["choices"][0]["text"] for p in prompts]
+
+        def streamed(prompt):
+            events = stream_events(client, "/secure/v1/completions", {**body, "prompt": prompt}, good)
+            return "".join(e["choices"][0]["text"] for e in events)
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            plain = pool.map(lambda p: complete(client, prefix="/secure", headers=good, prompt=p), prompts)
+            streams = pool.map(streamed, prompts)
+            assert [r["choices"][0]["text"] for r in plain] == alone == list(streams)
     finally:
         rs.stop("secure")
 

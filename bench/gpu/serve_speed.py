@@ -8,10 +8,11 @@ table last; JSON and a log go to --out:
 
 (a) the loop: `ray_sft.generate` as `ray-sft generate` runs it (4-bit NF4 base + PeftModel, greedy, repetition
     penalty 1.2, 100 new tokens), one request at a time;
+(a') `ray-sft generate --merge` on the same adapter, one request at a time: the merged model, which decodes with a
+    static KV cache (compiled into CUDA graphs on the GPU); the reference text for the merged server;
 (b) the Serve app (`ray_sft.serve.deploy` on a local cluster from `ray_sft.cluster.connect`, one replica with one
-    GPU, max_batch_size 32), chat requests from 1, 8, 32 closed-loop clients, in 4-bit and with serve.merge=true;
-(c) if time is left: the merged model with transformers' static KV cache (which makes generate torch.compile the
-    decode step), in a plain process, at batch 1 and 32: what CUDA-graph decoding would give the server.
+    GPU, max_batch_size 32), chat requests from 1, 8, 32 closed-loop clients, with serve.merge=true (static cache,
+    batches padded to 1, 2, 4, ..., 32 rows, each size compiled while the replica starts), then in 4-bit.
 
 Random-init model and adapter (no weights can be downloaded there; speed does not depend on the values). The EOS
 row of lm_head is zeroed: its logit is then always 0 while the greedy winner's is about +4 (random logits have a
@@ -177,7 +178,7 @@ def gpu_used_gib() -> float | None:
 
 
 def serve_phase(url: str, adapter: Path, prompts: list[str], device: str, merge: bool, levels: dict[int, int],
-                deadline: float, loop_texts: list[str], log) -> dict:
+                deadline: float, reference: list[str], log) -> dict:
     """Deploy the app (4-bit or merged), then each concurrency level; stop the app."""
     from ray_sft import generate, serve
 
@@ -195,8 +196,7 @@ def serve_phase(url: str, adapter: Path, prompts: list[str], device: str, merge:
             log(f"deadline: skipped concurrency {concurrency}")
             break
         measured, texts = bench_server(url, prompts, concurrency, requests)
-        measured["same_text_as_loop"] = [texts.get(i) == loop_texts[i] for i in range(len(loop_texts))
-                                         if i in texts]
+        measured["same_text"] = [texts.get(i) == reference[i] for i in range(len(reference)) if i in texts]
         result["levels"][str(concurrency)] = measured
         log(f"merge={merge} c{concurrency}: {measured}")
     result["gpu_used_gib"] = gpu_used_gib()
@@ -205,50 +205,32 @@ def serve_phase(url: str, adapter: Path, prompts: list[str], device: str, merge:
 
 
 
-def dashboard_packages() -> bool:
-    """cluster.connect starts a dashboard, which the GPU image's packages cannot run (no aiohttp_cors, opencensus
-    or OpenTelemetry exporters): there, start the same loopback-only local cluster without it first, and
-    cluster.connect joins it. Serve does not use the dashboard; Ray Train's cleanup of a dead run does."""
-    try:
-        import ray.dashboard.optional_deps  # noqa: F401
-        return True
-    except ImportError:
-        import ray
+def bench_generate_merged(adapter: Path, prompts: list[str], device: str) -> tuple[dict, list[str]]:
+    """(a') `ray-sft generate --merge`'s code path on the loop's prompts: the merged server's reference text."""
+    import gc
 
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False)
-        return False
+    import torch
 
-
-def static_cache_run(work: Path, device: str, result_path: Path) -> None:
-    """(c) Merged bf16 model, static KV cache (transformers then compiles the decode step on CUDA), batch 1 / 32.
-
-    Plain process, no server: how much CUDA-graph decoding would take off each step.
-    """
     from ray_sft import generate
 
-    adapter = work / "runs" / "bench" / "adapter"
-    prompts = json.loads((work / "prompts.json").read_text())
+    started = time.perf_counter()
     loaded = generate.load(adapter, merge=True, device=device)
-    eager = generate.complete(loaded.model, loaded.tokenizer, [generate.prompt_for(prompts[0], loaded.spec)],
-                              loaded.spec.generation)[0].text
-    loaded.model.generation_config.cache_implementation = "static"
-    out = {"same_text_as_eager_merged": None, "batches": {}}
-    for batch in (1, 32):
-        rendered = [generate.prompt_for(p, loaded.spec) for p in prompts[:batch]]
+    generate.generate(loaded, prompts[-1])  # compiles the decode step (batch 1) on the GPU: not timed
+    ready = time.perf_counter() - started
+    latencies, counts, texts, started = [], [], [], time.perf_counter()
+    for prompt in prompts[:LOOP_REQUESTS]:
         t = time.perf_counter()
-        first = generate.complete(loaded.model, loaded.tokenizer, rendered, loaded.spec.generation)
-        compile_s = time.perf_counter() - t
-        if batch == 1:
-            out["same_text_as_eager_merged"] = first[0].text == eager
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            done = generate.complete(loaded.model, loaded.tokenizer, rendered, loaded.spec.generation)
-            times.append(time.perf_counter() - t)
-        tokens = sum(c.completion_tokens for c in done)
-        out["batches"][str(batch)] = {"first_call_s": compile_s, "s_per_call": sorted(times)[1],
-                                      "tokens_per_s": tokens / sorted(times)[1]}
-        result_path.write_text(json.dumps(out))
+        done = generate.generate(loaded, prompt)
+        latencies.append(time.perf_counter() - t)
+        counts.append(done.completion_tokens)
+        texts.append(done.text)
+    result = {**row(sum(counts), time.perf_counter() - started, latencies, counts), "load_and_compile_s": ready,
+              "static_cache_len": generate.static_cache_len(loaded.model, loaded.spec)}
+    del loaded
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result, texts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,25 +240,23 @@ def static_cache_run(work: Path, device: str, result_path: Path) -> None:
 def table(report: dict) -> str:
     loop = report.get("loop", {})
     base = loop.get("tokens_per_s")
-    lines = ["| setup | requests | tokens/s | p50 s | p95 s | vs loop | same text as loop |",
+    lines = ["| setup | requests | tokens/s | p50 s | p95 s | vs loop | same text as reference |",
              "|---|---:|---:|---:|---:|---:|---|"]
 
     def add(name: str, r: dict) -> None:
         ratio = f"{r['tokens_per_s'] / base:.1f}x" if base else "-"
-        same = r.get("same_text_as_loop")
+        same = r.get("same_text")
         same = "-" if same is None else f"{sum(same)}/{len(same)}"
         lines.append(f"| {name} | {r['requests']} | {r['tokens_per_s']:,.1f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} "
                      f"| {ratio} | {same} |")
 
     if loop:
         add("(a) recipe loop: 4-bit + PeftModel, 1 at a time", loop)
-    for mode, label in (("serve_4bit", "4-bit + adapter"), ("serve_merged", "merged bf16")):
+    if report.get("generate_merged"):
+        add("(a') ray-sft generate --merge (static cache), 1 at a time", report["generate_merged"])
+    for mode, label in (("serve_merged", "merged bf16, static cache"), ("serve_4bit", "4-bit + adapter")):
         for c, r in report.get(mode, {}).get("levels", {}).items():
             add(f"(b) ray-sft serve, {label}, concurrency {c}", r)
-    for b, r in report.get("static_cache", {}).get("batches", {}).items():
-        ratio = f"{r['tokens_per_s'] / base:.1f}x" if base else "-"
-        lines.append(f"| (c) merged bf16, static cache + compile, plain generate, batch {b} | 3 calls | "
-                     f"{r['tokens_per_s']:,.1f} | {r['s_per_call']:.2f} (per call) | - | {ratio} | - |")
     return "\n".join(lines)
 
 
@@ -287,11 +267,7 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=470, help="seconds for the whole script")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU: dry-run the script")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one == "static":
-        return static_cache_run(args.work, args.device, args.result)
 
     started = time.monotonic()
     deadline = started + args.deadline
@@ -318,41 +294,26 @@ def main() -> None:
         log("setup done")
         report["loop"], loop_texts = bench_loop(adapter, prompts, args.device)
         log(f"loop: {report['loop']}")
+        report["generate_merged"], merged_texts = bench_generate_merged(adapter, prompts, args.device)
+        log(f"generate --merge: {report['generate_merged']}")
         save()
 
         from ray_sft import cluster, serve
 
-        if not dashboard_packages():
-            log("Ray's dashboard packages are missing: local cluster started without the dashboard")
         with cluster.connect():
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             url = serve.start("127.0.0.1", port)
             # The 4-bit server decodes at about the loop's speed per step: fewer requests keep it inside the deadline.
-            for mode, merge, levels in (("serve_4bit", False, {1: 3, 8: 8, 32: 32}),
-                                        ("serve_merged", True, {1: 5, 8: 16, 32: 64})):
+            for mode, merge, levels, reference in (("serve_merged", True, {1: 5, 8: 16, 32: 64}, merged_texts),
+                                                   ("serve_4bit", False, {1: 3, 8: 8, 32: 32}, loop_texts)):
                 if time.monotonic() > deadline - 60:
                     log(f"deadline: skipped {mode}")
                     continue
-                report[mode] = serve_phase(url, adapter, prompts, args.device, merge, levels, deadline - 30, loop_texts,
+                report[mode] = serve_phase(url, adapter, prompts, args.device, merge, levels, deadline - 30, reference,
                                            log)
                 save()
-        remaining = deadline - time.monotonic()
-        if remaining > 90:
-            result = args.work / "static.json"
-            command = [sys.executable, __file__, "--work", str(args.work), "--device", args.device, "--one", "static",
-                       "--result", str(result)]
-            with open(args.work / "static.log", "w") as out:
-                try:
-                    rc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=remaining - 10).returncode
-                except subprocess.TimeoutExpired:
-                    rc = "killed at the deadline"
-            report["static_cache"] = {**(json.loads(result.read_text()) if result.is_file() else {}), "rc": rc}
-            log_file.write((args.work / "static.log").read_text()[-4000:])
-            log(f"static cache: {report['static_cache']}")
-        else:
-            log(f"deadline: skipped the static-cache run ({remaining:.0f}s left)")
     except Exception:
         log(traceback.format_exc())
         # The replica's own log says why a deploy failed.
