@@ -140,7 +140,10 @@ def static_cache_len(model, spec: JobSpec) -> int | None:
     """
     from peft import PeftModel
 
-    if not spec.generation.static_cache or isinstance(model, PeftModel) or getattr(model, "is_quantized", False):
+    wanted = spec.generation.static_cache
+    if wanted == "auto":
+        wanted = model.device.type == "cuda"
+    if not wanted or isinstance(model, PeftModel) or getattr(model, "is_quantized", False):
         return None
     return spec.serve.max_prompt_tokens + max(spec.serve.max_tokens_limit, spec.generation.max_new_tokens)
 

@@ -186,8 +186,9 @@ class GenerationSpec:
     repetition_penalty: float = field(default=1.2, metadata=POSITIVE)
     # A merged (dense) model decodes with a static KV cache: on CUDA transformers then compiles the decode step
     # into CUDA graphs, which removes the per-token launch cost that bounds eager decoding (bench/RESULTS.md).
-    # Unmerged models (4-bit layers, adapters switched per batch) keep the dynamic cache.
-    static_cache: bool = True
+    # "auto": on CUDA only (on CPU nothing is compiled and the full-length cache only costs). Unmerged models
+    # (4-bit layers, adapters switched per batch) always keep the dynamic cache.
+    static_cache: Union[bool, Literal["auto"]] = "auto"
     sample_prompts: list[str] = field(default_factory=lambda: ["時間管理能力をあげるには?"])
 
 

@@ -83,9 +83,11 @@ def test_static_cache_batch_with_padding_rows_equals_dynamic_one_by_one(adapter,
     from transformers import StaticCache
 
     merged = generate.load(adapter, merge=True)
+    assert generate.static_cache_len(merged.model, merged.spec) is None  # "auto": CUDA only
+    merged.spec.generation.static_cache = True
     cache_len = generate.static_cache_len(merged.model, merged.spec)
     assert cache_len == merged.spec.serve.max_prompt_tokens + merged.spec.serve.max_tokens_limit
-    assert generate.static_cache_len(loaded.model, loaded.spec) is None  # 4-bit + adapters: dynamic cache
+    assert generate.static_cache_len(loaded.model, merged.spec) is None  # 4-bit + adapters: dynamic cache
     caches = []
     hook = merged.model.register_forward_pre_hook(
         lambda module, args, kwargs: caches.append(type(kwargs.get("past_key_values") or kwargs.get("cache"))),

@@ -223,6 +223,7 @@ def test_api_key_and_merged_model(client, setup, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "s3cret")
     spec = generate.run_spec(setup["trained"])
     spec.serve.cpus_per_replica, spec.serve.merge, spec.serve.api_key_env = 0.5, True, KEY_ENV
+    spec.generation.static_cache = True  # what "auto" picks on a GPU: static cache, padded batches, warm-up
     rs.deploy(spec, setup["base"], {"trained": str(setup["trained"])}, rs.api_key(spec, "127.0.0.1"),
               name="secure", route_prefix="/secure")
     try:

@@ -8,7 +8,8 @@ one command). The baseline is run (a) of train_speed.py, the recipe in plain TRL
 early stopping, so every trial trains every step) and is read back from its run folder:
 
 - aggregate trained tokens/s while all trials train at once: from the window that starts when the last trial has
-  finished its first (warm-up) step and ends when the first trial reaches its last step, the trained tokens of
+  finished its first (warm-up) step and ends when the first trial reaches its second-to-last step (the last one
+  also evaluates and saves), the trained tokens of
   every trial in that window (each trial's metrics.jsonl, interpolated between reports) over its length;
 - end to end: every trial's trained tokens over the wall time of the whole `ray-sft tune` command (start-up, model
   loads, evaluation and checkpoints included);
@@ -55,13 +56,15 @@ def summarise(run_dir: Path, wall_s: float, rc: int) -> dict:
         steps = [r for r in records if "loss" in r and "num_tokens" in r]
         trials[metrics.parent.name] = {
             "points": [(r["time"], r["num_tokens"]) for r in steps], "steps": len(steps),
-            "first_step_time": steps[0]["time"] if steps else None, "last_step_time": steps[-1]["time"] if steps else None,
+            # The last step's report comes after its evaluation and checkpoint: the window ends a step before.
+            "first_step_time": steps[0]["time"] if steps else None,
+            "last_step_time": steps[-2]["time"] if len(steps) >= 3 else None,
             "tokens": steps[-1]["num_tokens"] if steps else 0,
             "peak_gib": max((r.get("gpu_peak_gib", 0) for r in records), default=None)}
     result = {"rc": rc, "wall_s": wall_s, "trials": len(trials),
               "peak_gib_per_trial": sorted(round(t["peak_gib"] or 0, 2) for t in trials.values()),
               "end_to_end_tokens_per_s": sum(t["tokens"] for t in trials.values()) / wall_s}
-    timed = [t for t in trials.values() if t["steps"] >= 2]
+    timed = [t for t in trials.values() if t["steps"] >= 3]
     if timed and len(timed) == len(trials):
         start = max(t["first_step_time"] for t in timed)
         end = min(t["last_step_time"] for t in timed)
