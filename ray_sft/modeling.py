@@ -15,6 +15,7 @@ from ray_sft.spec import JobSpec, LoraSpec, ModelSpec, QuantizationSpec
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+AUTO = "auto"
 # model.attn_implementation for padding-free training through torch's varlen (flash) attention kernel.
 VARLEN = "varlen"
 
@@ -67,10 +68,8 @@ def load_model(path: str, spec: JobSpec, device: str | torch.device, training: b
     """
     from transformers import AutoModelForCausalLM
 
-    attn_implementation = spec.model.attn_implementation
+    attn_implementation = attention(spec, device, training)
     if attn_implementation == VARLEN:
-        # Training batches are padding-free; generation (KV cache, padded prompts) needs an ordinary kernel.
-        attn_implementation = VARLEN if training else "sdpa"
         register_varlen_attention()
     model = AutoModelForCausalLM.from_pretrained(
         path,
@@ -86,6 +85,25 @@ def load_model(path: str, spec: JobSpec, device: str | torch.device, training: b
         if torch.device(device).type == "cpu":
             disable_cpu_repack(model)
     return model
+
+
+def attention(spec: JobSpec, device: str | torch.device, training: bool) -> str:
+    """The attention kernel a model is loaded with.
+
+    "auto" picks varlen where it applies (padding-free training batches on CUDA: 1.6x over sdpa on the H200, see
+    bench/RESULTS.md) and sdpa elsewhere. Generation (KV cache, padded prompts) never uses varlen.
+    """
+    chosen = spec.model.attn_implementation
+    if chosen == AUTO:
+        cuda = torch.device(device).type == "cuda"
+        chosen = VARLEN if training and cuda and spec.training.padding_free and _has_varlen() else "sdpa"
+    return "sdpa" if chosen == VARLEN and not training else chosen
+
+
+def _has_varlen() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None  # torch >= 2.10
 
 
 def register_varlen_attention() -> None:

@@ -44,7 +44,9 @@ class ModelSpec:
     name_or_path: str = "llm-jp/llm-jp-3-1.8b"
     revision: Optional[str] = None
     trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"
+    # "auto": varlen (flash attention per packed row, see modeling.attention) for padding-free training on CUDA,
+    # sdpa otherwise; or any transformers attention name.
+    attn_implementation: str = "auto"
 
 
 @dataclass

@@ -17,6 +17,20 @@ def job(tmp_path):
     return quick_spec(tmp_path, "lora.dropout=0.0")
 
 
+@pytest.mark.parametrize("chosen, device, padding_free, training, expected", [
+    ("auto", "cuda:0", True, True, "varlen"),  # the fast default where it applies
+    ("auto", "cuda:0", True, False, "sdpa"),  # generation: KV cache and padded prompts
+    ("auto", "cuda:0", False, True, "sdpa"),  # padded batches (the recipe's own execution)
+    ("auto", "cpu", True, True, "sdpa"),  # torch's varlen kernel is CUDA-only
+    ("varlen", "cuda:0", True, False, "sdpa"),
+    ("flex_attention", "cuda:0", True, True, "flex_attention"),  # an explicit choice is kept
+])
+def test_attention_kernel_follows_device_batching_and_use(tmp_path, chosen, device, padding_free, training, expected):
+    job = quick_spec(tmp_path)
+    job.model.attn_implementation, job.training.padding_free = chosen, padding_free
+    assert modeling.attention(job, device, training) == expected
+
+
 def test_tokenizer_follows_the_recipe(job, tiny_model_path):
     tokenizer = modeling.load_tokenizer(tiny_model_path, job.model)
     assert tokenizer.padding_side == "right"

@@ -38,8 +38,10 @@ TIMED_FIRST, TIMED_LAST = 1, 4  # time steps 2..4: step 1 warms up, the last ste
 # Each change of the fast settings alone, in order (plain process through ray_sft's own trainer).
 LADDER = {
     "recipe spec, no Ray": [],  # (b) without Ray: what Ray itself costs, apart from ray_sft's trainer
-    "micro 64, padded": ["training.micro_batch_size=64", "training.padding_free=false"],
-    "micro 64, padding-free, sdpa": ["training.micro_batch_size=64", "training.padding_free=true"],
+    "micro 64, padded": ["training.micro_batch_size=64", "training.padding_free=false",
+                         "model.attn_implementation=sdpa"],
+    "micro 64, padding-free, sdpa": ["training.micro_batch_size=64", "training.padding_free=true",
+                                     "model.attn_implementation=sdpa"],
     "micro 64, padding-free, varlen": ["training.micro_batch_size=64", "training.padding_free=true",
                                        "model.attn_implementation=varlen"],
     "micro 32, padding-free, varlen, no ckpt": ["training.micro_batch_size=32", "training.padding_free=true",
