@@ -119,16 +119,19 @@ def gpu_peak_gib(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
 
 
-def bench_loop(adapter: Path, prompts: list[str], device: str) -> tuple[dict, list[str]]:
-    """(a) `ray-sft generate`'s code path, one request at a time, as the recipe's inference cell runs."""
+def bench_generate(adapter: Path, prompts: list[str], device: str, merge: bool) -> tuple[dict, list[str]]:
+    """`ray-sft generate`'s code path, one request at a time: (a) the recipe's inference cell (4-bit + adapter), or
+    (a') with `merge` the merged model, which decodes with a static cache (compiled on the GPU)."""
     import gc
 
     import torch
 
     from ray_sft import generate
 
-    loaded = generate.load(adapter, device=device)
-    generate.generate(loaded, prompts[-1])  # warm-up (CUDA kernels, allocator), not timed
+    started = time.perf_counter()
+    loaded = generate.load(adapter, merge=merge, device=device)
+    generate.generate(loaded, prompts[-1])  # warm-up (CUDA kernels, allocator, the compile): not timed
+    ready = time.perf_counter() - started
     latencies, counts, texts, started = [], [], [], time.perf_counter()
     for prompt in prompts[:LOOP_REQUESTS]:
         t = time.perf_counter()
@@ -136,12 +139,13 @@ def bench_loop(adapter: Path, prompts: list[str], device: str) -> tuple[dict, li
         latencies.append(time.perf_counter() - t)
         counts.append(done.completion_tokens)
         texts.append(done.text)
-    result = row(sum(counts), time.perf_counter() - started, latencies, counts)
-    result["peak_gib"] = gpu_peak_gib(device)
+    result = {**row(sum(counts), time.perf_counter() - started, latencies, counts), "load_and_warm_up_s": ready,
+              "peak_gib": gpu_peak_gib(device), "static_cache_len": generate.static_cache_len(loaded.model, loaded.spec)}
     del loaded
     gc.collect()
     if device == "cuda":
-        torch.cuda.empty_cache()  # the server's replica needs the GPU next
+        torch.cuda.empty_cache()  # the next phase needs the GPU
+        torch.cuda.reset_peak_memory_stats()
     return result, texts
 
 
@@ -204,35 +208,6 @@ def serve_phase(url: str, adapter: Path, prompts: list[str], device: str, merge:
     return result
 
 
-
-def bench_generate_merged(adapter: Path, prompts: list[str], device: str) -> tuple[dict, list[str]]:
-    """(a') `ray-sft generate --merge`'s code path on the loop's prompts: the merged server's reference text."""
-    import gc
-
-    import torch
-
-    from ray_sft import generate
-
-    started = time.perf_counter()
-    loaded = generate.load(adapter, merge=True, device=device)
-    generate.generate(loaded, prompts[-1])  # compiles the decode step (batch 1) on the GPU: not timed
-    ready = time.perf_counter() - started
-    latencies, counts, texts, started = [], [], [], time.perf_counter()
-    for prompt in prompts[:LOOP_REQUESTS]:
-        t = time.perf_counter()
-        done = generate.generate(loaded, prompt)
-        latencies.append(time.perf_counter() - t)
-        counts.append(done.completion_tokens)
-        texts.append(done.text)
-    result = {**row(sum(counts), time.perf_counter() - started, latencies, counts), "load_and_compile_s": ready,
-              "static_cache_len": generate.static_cache_len(loaded.model, loaded.spec)}
-    del loaded
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return result, texts
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Report
 
@@ -292,9 +267,9 @@ def main() -> None:
         setup(args.work, args.tiny, args.device)
         prompts = json.loads((args.work / "prompts.json").read_text())
         log("setup done")
-        report["loop"], loop_texts = bench_loop(adapter, prompts, args.device)
+        report["loop"], loop_texts = bench_generate(adapter, prompts, args.device, merge=False)
         log(f"loop: {report['loop']}")
-        report["generate_merged"], merged_texts = bench_generate_merged(adapter, prompts, args.device)
+        report["generate_merged"], merged_texts = bench_generate(adapter, prompts, args.device, merge=True)
         log(f"generate --merge: {report['generate_merged']}")
         save()
 

@@ -1,6 +1,7 @@
 """An 8-trial `ray-sft tune` search packed onto one GPU (fractional GPUs, fast settings) vs the recipe's one trial.
 
     python bench/gpu/tune_speed.py --out $OUT --baseline $OUT/train_speed_recipe_ray_fast.json
+    python bench/gpu/tune_speed.py --out $OUT --gpus 4        # the same 8 trials spread over 4 GPUs (0.5 GPU each)
 
 Same model shape and synthetic data as train_speed.py (its setup is reused, and its work folder when the two run in
 one command). The baseline is run (a) of train_speed.py, the recipe in plain TRL, measured in the same command; without
@@ -31,8 +32,8 @@ SEARCH = ("{lora.r: {choice: [8, 16]}, lora.alpha: {choice: [16, 32]}, lora.drop
           "training.learning_rate: {loguniform: [1.0e-4, 5.0e-4]}}")
 
 
-def tune_command(work: Path, trials: int, steps: int, device: str) -> list[str]:
-    share = 1 / trials
+def tune_command(work: Path, trials: int, steps: int, device: str, gpus: int) -> list[str]:
+    share = gpus / trials
     overrides = train_speed.overrides(work, steps, "tune8", device) + [
         "data.eval_rows=64", f"tune.search_space={SEARCH}", f"tune.num_samples={trials}",
         "tune.scheduler.type=none", f"tune.max_concurrent_trials={trials}"] + (
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="train_speed.py's JSON from the same command (run (a))")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs the trials spread over (fractional GPUs each)")
     parser.add_argument("--deadline", type=float, default=560)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU: dry-run the script")
@@ -103,14 +105,14 @@ def main() -> None:
         baseline = train_speed.summarise(train_speed.plain_run(args.work, "recipe", train_speed.TIMED_LAST + 1,
                                                                args.device, deadline, "a"))
     started = time.monotonic()
-    rc = train_speed.run_logged(tune_command(args.work, args.trials, args.steps, args.device),
+    rc = train_speed.run_logged(tune_command(args.work, args.trials, args.steps, args.device, args.gpus),
                                 args.work / "tune8.log", deadline)
     tuned = summarise(args.work / "runs" / "tune8", time.monotonic() - started, rc)
     base = baseline.get("tokens_per_s")
     if base and tuned.get("aggregate_tokens_per_s"):
         tuned["tune8_aggregate_over_recipe"] = tuned["aggregate_tokens_per_s"] / base
         tuned["tune8_end_to_end_over_recipe"] = tuned["end_to_end_tokens_per_s"] / base
-    report = {"environment": train_speed.environment(), "baseline_recipe": baseline, "tune": tuned}
+    report = {"environment": train_speed.environment(), "gpus": args.gpus, "baseline_recipe": baseline, "tune": tuned}
     (args.out / "tune_speed.json").write_text(json.dumps(report, indent=1))
     with open(args.out / "tune_speed_log.txt", "w") as out:
         out.write((args.work / "tune8.log").read_text()[-20000:])
