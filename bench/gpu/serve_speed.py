@@ -227,9 +227,11 @@ def table(report: dict) -> str:
 
     if loop:
         add("(a) recipe loop: 4-bit + PeftModel, 1 at a time", loop)
+    # generation.static_cache "auto" is on CUDA only: the CPU dry run decodes the merged model eagerly.
+    cache = "static cache" if report.get("generate_merged", {}).get("static_cache_len") else "dynamic cache"
     if report.get("generate_merged"):
-        add("(a') ray-sft generate --merge (static cache), 1 at a time", report["generate_merged"])
-    for mode, label in (("serve_merged", "merged bf16, static cache"), ("serve_4bit", "4-bit + adapter")):
+        add(f"(a') ray-sft generate --merge ({cache}), 1 at a time", report["generate_merged"])
+    for mode, label in (("serve_merged", f"merged bf16, {cache}"), ("serve_4bit", "4-bit + adapter")):
         for c, r in report.get(mode, {}).get("levels", {}).items():
             add(f"(b) ray-sft serve, {label}, concurrency {c}", r)
     return "\n".join(lines)
