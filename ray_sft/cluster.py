@@ -30,9 +30,9 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     """Yield with Ray initialised; shut down only what this call started.
 
     address None: inside a Ray job (RAY_ADDRESS set) join that cluster, else start a private local cluster
-    with its own temp dir and a loopback-only dashboard (when installed), which never touches other Ray clusters on the machine. (Ray 2.60
-    advertises the machine's routable address for its internal ports even when asked for 127.0.0.1; the
-    services ray_sft itself opens, such as Serve's HTTP port, bind 127.0.0.1 unless told otherwise.)
+    with its own temp dir and a loopback-only dashboard (when installed), which never touches other Ray clusters
+    on the machine. (Ray 2.60 advertises the machine's routable address for its internal ports even when asked for
+    127.0.0.1; the services ray_sft itself opens, such as Serve's HTTP port, bind 127.0.0.1 unless told otherwise.)
     """
     import ray
 

@@ -7,6 +7,7 @@ adapters, and `complete` to run a left-padded batch whose greedy text equals run
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,16 +150,19 @@ def static_cache_len(model, spec: JobSpec) -> int | None:
 
 
 def static_cache_kwargs(cache_len: int | None) -> dict:
-    from transformers import GenerationConfig
-
     if cache_len is None:
         return {}
-    kwargs = {"cache_implementation": "static"}
     # Older transformers size the cache per call (the longest call so far): it then grows, and recompiles, once
     # per longer request instead of never.
-    if hasattr(GenerationConfig(), "max_cache_len"):
-        kwargs["max_cache_len"] = cache_len
-    return kwargs
+    return {"cache_implementation": "static", **({"max_cache_len": cache_len} if _sizes_static_cache() else {})}
+
+
+@functools.cache
+def _sizes_static_cache() -> bool:
+    """Whether this transformers takes `max_cache_len` (asked once: this runs for every batch a server decodes)."""
+    from transformers import GenerationConfig
+
+    return hasattr(GenerationConfig(), "max_cache_len")
 
 
 def decoding_kwargs(settings: GenerationSpec, tokenizer) -> dict:

@@ -6,6 +6,7 @@ pins its own device and says which one.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -123,8 +124,6 @@ def register_varlen_attention() -> None:
 
 def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers attention interface -> torch.nn.attention.varlen.varlen_attn, causal within each packed row."""
-    import inspect
-
     from torch.nn.attention.varlen import varlen_attn
 
     if query.size(0) != 1 or kwargs.get("cu_seq_lens_q") is None:
@@ -133,16 +132,25 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         raise ValueError("attn_implementation=varlen has no attention dropout")
     # (1, heads, tokens, dim) -> (tokens, heads, dim)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    options = {"scale": scaling}
-    params = inspect.signature(varlen_attn).parameters
-    # Causal: newer torch takes a (left, right) window, (-1, 0) being causal; older releases an is_causal flag.
-    options.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
+    options = {"scale": scaling, **_varlen_causal()}
     if k.size(1) != q.size(1):
         options["enable_gqa"] = True
     cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
     out = varlen_attn(q, k, v, cu, kwargs.get("cu_seq_lens_k", cu), longest, kwargs.get("max_length_k", longest),
                       **options)
     return out[None], None  # (1, tokens, heads, dim), as the other kernels return
+
+
+@functools.cache
+def _varlen_causal() -> dict:
+    """varlen_attn's causal option, looked up once (this runs in every attention call): newer torch takes a
+    (left, right) window, (-1, 0) being causal; older releases an is_causal flag."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    windowed = "window_size" in inspect.signature(varlen_attn).parameters
+    return {"window_size": (-1, 0)} if windowed else {"is_causal": True}
 
 
 def disable_cpu_repack(model) -> int:

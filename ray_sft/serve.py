@@ -320,6 +320,7 @@ class ModelServer:
         # A merged replica builds its model from a fresh base when its adapter arrives (see _apply_adapters).
         self.tokenizer = modeling.load_tokenizer(base, self.spec.model)
         self.model = None if self.spec.serve.merge else modeling.load_model(base, self.spec, self.device, False)
+        self.cache_len: int | None = None  # a merged model's static KV cache length (set with the model)
         # Requests are measured with a second tokenizer: a fast tokenizer used from two threads at once can fail
         # with "Already borrowed" while the generation thread pads a batch.
         self.counter = copy.deepcopy(self.tokenizer)
@@ -361,6 +362,7 @@ class ModelServer:
                 (name, entry), = wanted.items()
                 base_model = generate.load_base(self.base, self.spec, self.device)[1]
                 self.model = generate.merged(base_model, entry["path"])
+                self.cache_len = generate.static_cache_len(self.model, self.spec)
                 self._warm_up()
                 self.adapters, self.stamps = {name: "default"}, dict(wanted)
             return
@@ -378,13 +380,13 @@ class ModelServer:
     def _warm_up(self) -> None:
         """Decode once at every batch size a static-cache model will see, before the model serves: on CUDA each
         size compiles (tens of seconds), which no request should wait for."""
-        cache_len = generate.static_cache_len(self.model, self.spec)
-        if cache_len is None:
+        if self.cache_len is None:
             return
         started, settings = time.monotonic(), dataclasses.replace(self.spec.generation, max_new_tokens=2)
         for rows in batch_sizes(self.spec.serve.max_batch_size):
-            generate.complete(self.model, self.tokenizer, ["warm-up"], settings, rows=rows, cache_len=cache_len)
-        log.info("static-cache decoder warmed up in %.1fs (cache length %d)", time.monotonic() - started, cache_len)
+            generate.complete(self.model, self.tokenizer, ["warm-up"], settings, rows=rows, cache_len=self.cache_len)
+        log.info("static-cache decoder warmed up in %.1fs (cache length %d)", time.monotonic() - started,
+                 self.cache_len)
 
     def served_models(self) -> list[str]:
         return list(self.adapters) + ([] if self.spec.serve.merge else [base_name(self.base)])
@@ -499,7 +501,6 @@ class ModelServer:
             s = job.settings
             groups[(job.model, s.do_sample, s.temperature, s.top_p, s.repetition_penalty)].append(index)
         results: list[Completion | ApiError | None] = [None] * len(jobs)
-        cache_len = generate.static_cache_len(self.model, self.spec)
         for (model, *_), indices in groups.items():
             members = [jobs[i] for i in indices]
             settings = dataclasses.replace(members[0].settings,
@@ -511,7 +512,7 @@ class ModelServer:
                                              stops=[j.stops for j in members],
                                              limits=[j.settings.max_new_tokens for j in members], streamer=streamer,
                                              rows=batch_rows(len(members), self.spec.serve.max_batch_size)
-                                             if cache_len else None, cache_len=cache_len)
+                                             if self.cache_len else None, cache_len=self.cache_len)
             except ApiError as error:
                 done = [error] * len(members)
             for index, completion in zip(indices, done):

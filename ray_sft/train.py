@@ -227,6 +227,7 @@ def _report_callback_class():
 
         def _report(self, state, checkpoint_dir):
             import ray.train
+            import torch
 
             metrics = {k: v for k, v in self.pending.items() if k != "total_flos"}
             self.pending = {}
@@ -235,8 +236,6 @@ def _report_callback_class():
                 metrics["tokens_per_s"] = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
                 self.last_time, self.last_tokens = now, tokens
             metrics.update(step=state.global_step, max_steps=state.max_steps)
-            import torch
-
             if torch.cuda.is_available():  # the worker's peak so far: what a run needs on its GPU
                 metrics["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None

@@ -140,7 +140,8 @@ def bench_generate(adapter: Path, prompts: list[str], device: str, merge: bool) 
         counts.append(done.completion_tokens)
         texts.append(done.text)
     result = {**row(sum(counts), time.perf_counter() - started, latencies, counts), "load_and_warm_up_s": ready,
-              "peak_gib": gpu_peak_gib(device), "static_cache_len": generate.static_cache_len(loaded.model, loaded.spec)}
+              "peak_gib": gpu_peak_gib(device),
+              "static_cache_len": generate.static_cache_len(loaded.model, loaded.spec)}
     del loaded
     gc.collect()
     if device == "cuda":
