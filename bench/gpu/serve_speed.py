@@ -5,6 +5,7 @@ table last; JSON and a log go to --out:
 
     python bench/gpu/serve_speed.py --out $OUT                       # on the H200
     python bench/gpu/serve_speed.py --out /tmp/o --tiny --device cpu  # CPU dry run of the whole script
+    python bench/gpu/serve_speed.py --out $OUT --merged-only --compute-dtype float32  # text check, no bf16 rounding
 
 (a) the loop: `ray_sft.generate` as `ray-sft generate` runs it (4-bit NF4 base + PeftModel, greedy, repetition
     penalty 1.2, 100 new tokens), one request at a time;
@@ -49,7 +50,7 @@ LOOP_REQUESTS = 3
 # Model, tokenizer, adapter, prompts
 
 
-def setup(work: Path, tiny: bool, device: str) -> None:
+def setup(work: Path, tiny: bool, device: str, compute_dtype: str = "bfloat16") -> None:
     import torch
     from peft import get_peft_model
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -77,7 +78,7 @@ def setup(work: Path, tiny: bool, device: str) -> None:
 
     # The adapter as `ray-sft train` leaves it: <run>/adapter (PEFT format) beside <run>/spec.yaml.
     job = spec.load(RECIPE_SPEC, [f"model.name_or_path={work / 'model'}", f"output.dir={work / 'runs'}",
-                                  "output.name=bench"])
+                                  "output.name=bench", f"quantization.compute_dtype={compute_dtype}"])
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all but lm_head
     peft_model = get_peft_model(model, modeling.lora_config(job.lora, targets))
     peft_model.peft_config["default"].base_model_name_or_path = str(work / "model")  # where serve loads the base
@@ -232,7 +233,9 @@ def table(report: dict) -> str:
     cache = "static cache" if report.get("generate_merged", {}).get("static_cache_len") else "dynamic cache"
     if report.get("generate_merged"):
         add(f"(a') ray-sft generate --merge ({cache}), 1 at a time", report["generate_merged"])
-    for mode, label in (("serve_merged", f"merged bf16, {cache}"), ("serve_4bit", "4-bit + adapter")):
+    dtype = report.get("compute_dtype", "bfloat16")
+    merged = f"merged {'bf16' if dtype == 'bfloat16' else dtype}"
+    for mode, label in (("serve_merged", f"{merged}, {cache}"), ("serve_4bit", "4-bit + adapter")):
         for c, r in report.get(mode, {}).get("levels", {}).items():
             add(f"(b) ray-sft serve, {label}, concurrency {c}", r)
     return "\n".join(lines)
@@ -245,6 +248,10 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=470, help="seconds for the whole script")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU: dry-run the script")
+    parser.add_argument("--compute-dtype", default="bfloat16",
+                        help="the run's quantization.compute_dtype, which generate and the server load the model in; "
+                             "float32 compares their greedy text without bf16's rounding")
+    parser.add_argument("--merged-only", action="store_true", help="skip the 4-bit loop and the 4-bit server")
     args = parser.parse_args()
 
     started = time.monotonic()
@@ -259,7 +266,7 @@ def main() -> None:
         log_file.write(line + "\n")
         log_file.flush()
 
-    report: dict = {"environment": environment(), "new_tokens": NEW_TOKENS}
+    report: dict = {"environment": environment(), "new_tokens": NEW_TOKENS, "compute_dtype": args.compute_dtype}
 
     def save() -> None:
         report["wall_s"] = time.monotonic() - started
@@ -267,11 +274,12 @@ def main() -> None:
 
     adapter = args.work / "runs" / "bench" / "adapter"
     try:
-        setup(args.work, args.tiny, args.device)
+        setup(args.work, args.tiny, args.device, args.compute_dtype)
         prompts = json.loads((args.work / "prompts.json").read_text())
         log("setup done")
-        report["loop"], loop_texts = bench_generate(adapter, prompts, args.device, merge=False)
-        log(f"loop: {report['loop']}")
+        if not args.merged_only:
+            report["loop"], loop_texts = bench_generate(adapter, prompts, args.device, merge=False)
+            log(f"loop: {report['loop']}")
         report["generate_merged"], merged_texts = bench_generate(adapter, prompts, args.device, merge=True)
         log(f"generate --merge: {report['generate_merged']}")
         save()
@@ -284,8 +292,10 @@ def main() -> None:
                 port = s.getsockname()[1]
             url = serve.start("127.0.0.1", port)
             # The 4-bit server decodes at about the loop's speed per step: fewer requests keep it inside the deadline.
-            for mode, merge, levels, reference in (("serve_merged", True, {1: 5, 8: 16, 32: 64}, merged_texts),
-                                                   ("serve_4bit", False, {1: 3, 8: 8, 32: 32}, loop_texts)):
+            phases = [("serve_merged", True, {1: 5, 8: 16, 32: 64}, merged_texts)]
+            if not args.merged_only:
+                phases.append(("serve_4bit", False, {1: 3, 8: 8, 32: 32}, loop_texts))
+            for mode, merge, levels, reference in phases:
                 if time.monotonic() > deadline - 60:
                     log(f"deadline: skipped {mode}")
                     continue
