@@ -5,7 +5,7 @@ table last; JSON and a log go to --out:
 
     python bench/gpu/serve_speed.py --out $OUT                       # on the H200
     python bench/gpu/serve_speed.py --out /tmp/o --tiny --device cpu  # CPU dry run of the whole script
-    python bench/gpu/serve_speed.py --out $OUT --merged-only --compute-dtype float32  # text check, no bf16 rounding
+    python bench/gpu/serve_speed.py --out $OUT --merged-only --set quantization.compute_dtype=float32  # text check
 
 (a) the loop: `ray_sft.generate` as `ray-sft generate` runs it (4-bit NF4 base + PeftModel, greedy, repetition
     penalty 1.2, 100 new tokens), one request at a time;
@@ -50,7 +50,7 @@ LOOP_REQUESTS = 3
 # Model, tokenizer, adapter, prompts
 
 
-def setup(work: Path, tiny: bool, device: str, compute_dtype: str = "bfloat16") -> None:
+def setup(work: Path, tiny: bool, device: str, overrides: tuple[str, ...] = ()) -> None:
     import torch
     from peft import get_peft_model
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -78,7 +78,7 @@ def setup(work: Path, tiny: bool, device: str, compute_dtype: str = "bfloat16") 
 
     # The adapter as `ray-sft train` leaves it: <run>/adapter (PEFT format) beside <run>/spec.yaml.
     job = spec.load(RECIPE_SPEC, [f"model.name_or_path={work / 'model'}", f"output.dir={work / 'runs'}",
-                                  "output.name=bench", f"quantization.compute_dtype={compute_dtype}"])
+                                  "output.name=bench", *overrides])
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all but lm_head
     peft_model = get_peft_model(model, modeling.lora_config(job.lora, targets))
     peft_model.peft_config["default"].base_model_name_or_path = str(work / "model")  # where serve loads the base
@@ -233,8 +233,7 @@ def table(report: dict) -> str:
     cache = "static cache" if report.get("generate_merged", {}).get("static_cache_len") else "dynamic cache"
     if report.get("generate_merged"):
         add(f"(a') ray-sft generate --merge ({cache}), 1 at a time", report["generate_merged"])
-    dtype = report.get("compute_dtype", "bfloat16")
-    merged = f"merged {'bf16' if dtype == 'bfloat16' else dtype}"
+    merged = f"merged ({', '.join(report['overrides'])})" if report.get("overrides") else "merged bf16"
     for mode, label in (("serve_merged", f"{merged}, {cache}"), ("serve_4bit", "4-bit + adapter")):
         for c, r in report.get(mode, {}).get("levels", {}).items():
             add(f"(b) ray-sft serve, {label}, concurrency {c}", r)
@@ -248,9 +247,9 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=470, help="seconds for the whole script")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU: dry-run the script")
-    parser.add_argument("--compute-dtype", default="bfloat16",
-                        help="the run's quantization.compute_dtype, which generate and the server load the model in; "
-                             "float32 compares their greedy text without bf16's rounding")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override in the bench run's spec, which generate and the server load the model with "
+                             "(e.g. quantization.compute_dtype=float32: their greedy text without bf16's rounding)")
     parser.add_argument("--merged-only", action="store_true", help="skip the 4-bit loop and the 4-bit server")
     args = parser.parse_args()
 
@@ -266,7 +265,7 @@ def main() -> None:
         log_file.write(line + "\n")
         log_file.flush()
 
-    report: dict = {"environment": environment(), "new_tokens": NEW_TOKENS, "compute_dtype": args.compute_dtype}
+    report: dict = {"environment": environment(), "new_tokens": NEW_TOKENS, "overrides": args.set}
 
     def save() -> None:
         report["wall_s"] = time.monotonic() - started
@@ -274,7 +273,7 @@ def main() -> None:
 
     adapter = args.work / "runs" / "bench" / "adapter"
     try:
-        setup(args.work, args.tiny, args.device, args.compute_dtype)
+        setup(args.work, args.tiny, args.device, tuple(args.set))
         prompts = json.loads((args.work / "prompts.json").read_text())
         log("setup done")
         if not args.merged_only:
