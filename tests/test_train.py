@@ -109,6 +109,7 @@ def test_no_secrets_in_run_files(trained_run, monkeypatch):
             assert secret not in path.read_text(errors="ignore")
 
 
+@pytest.mark.slow
 def test_worker_crash_recovers_from_latest_checkpoint(ray_cluster, tmp_path):
     job = quick_spec(tmp_path, *FAST, "scaling.max_failures=1", "scaling.crash={rank: 1, step: 3}")
     outcome = train.fit(job)
@@ -118,6 +119,7 @@ def test_worker_crash_recovers_from_latest_checkpoint(ray_cluster, tmp_path):
     assert steps == [1, 2, 3, 4]  # the crash at step 3 came before its report; restored at step 2
 
 
+@pytest.mark.slow
 def test_crash_without_retries_fails_keeps_checkpoints_and_resume_continues(ray_cluster, tmp_path):
     job = quick_spec(tmp_path, *FAST, "scaling.max_failures=0", "scaling.crash={rank: 0, step: 3}")
     with pytest.raises(train.TrainError, match="(?s)training failed.*--resume"):
