@@ -2,6 +2,7 @@
 
     python bench/gpu/tune_speed.py --out $OUT --baseline $OUT/train_speed_recipe_ray_fast.json
     python bench/gpu/tune_speed.py --out $OUT --gpus 4        # the same 8 trials spread over 4 GPUs (0.5 GPU each)
+    python bench/gpu/tune_speed.py --out $OUT --gpus 2 --no-baseline   # the search alone, to compare GPU counts
 
 Same model shape and synthetic data as train_speed.py (its setup is reused, and its work folder when the two run in
 one command). The baseline is run (a) of train_speed.py, the recipe in plain TRL, measured in the same command; without
@@ -89,6 +90,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--gpus", type=int, default=1, help="GPUs the trials spread over (fractional GPUs each)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="the search only, no recipe run (to compare GPU counts, one search each)")
     parser.add_argument("--deadline", type=float, default=560)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU: dry-run the script")
@@ -99,7 +102,9 @@ def main() -> None:
     if not (args.work / "data.jsonl").is_file():
         train_speed.setup(args.work, args.tiny)
 
-    if args.baseline and args.baseline.is_file():
+    if args.no_baseline:
+        baseline = {}
+    elif args.baseline and args.baseline.is_file():
         baseline = json.loads(args.baseline.read_text())["runs"]["(a) recipe, plain TRL"]
     else:
         baseline = train_speed.summarise(train_speed.plain_run(args.work, "recipe", train_speed.TIMED_LAST + 1,
@@ -117,13 +122,15 @@ def main() -> None:
     with open(args.out / "tune_speed_log.txt", "w") as out:
         out.write((args.work / "tune8.log").read_text()[-20000:])
     print(json.dumps(report["environment"]))
-    print(f"| run | trained tokens/s | wall s | peak GiB per trial | vs recipe |\n|---|---|---|---|---|\n"
-          f"| recipe, one trial, plain TRL | {base or 0:,.0f} | - | {baseline.get('peak_gib') or 0:.1f} | 1.00x |")
+    print("| run | trained tokens/s | wall s | peak GiB per trial | vs recipe |\n|---|---|---|---|---|")
+    if base:
+        print(f"| recipe, one trial, plain TRL | {base:,.0f} | - | {baseline.get('peak_gib') or 0:.1f} | 1.00x |")
     for label, key in (("aggregate, all trials training", "aggregate_tokens_per_s"),
                        ("end to end (start-up, eval, checkpoints included)", "end_to_end_tokens_per_s")):
         value = tuned.get(key)
-        print(f"| {args.trials} trials packed, {label} | {value or 0:,.0f} | {tuned['wall_s']:.0f} | "
-              f"{max(tuned['peak_gib_per_trial'] or [0]):.1f} | {value / base if value and base else 0:.1f}x |")
+        ratio = f"{value / base:.1f}x" if value and base else "-"
+        print(f"| {args.trials} trials on {args.gpus} GPU(s), {label} | {value or 0:,.0f} | {tuned['wall_s']:.0f} | "
+              f"{max(tuned['peak_gib_per_trial'] or [0]):.1f} | {ratio} |")
     print({k: tuned.get(k) for k in ("rc", "statuses", "best_adapter_exported", "window_s", "peak_gib_per_trial")})
 
 
