@@ -18,6 +18,29 @@ def micro_batching(spec: JobSpec) -> tuple[int, int]:
     return micro, rows_per_step // micro
 
 
+def compiles(spec: JobSpec, device_type: str) -> bool:
+    """Whether training compiles its decoder layers (`training.compile`; "auto": on CUDA)."""
+    wanted = spec.training.compile
+    return device_type == "cuda" if wanted == "auto" else bool(wanted)
+
+
+def compile_layers(model, backend: str = "inductor") -> int:
+    """torch.compile every decoder layer in place and return how many were compiled.
+
+    Compiling layer by layer (not the whole model) keeps the graph small: all layers run the same code, so they
+    share one compiled graph, and the parts outside them (embeddings with NEFTune's hook, the LM head and loss)
+    stay as they are. A packed step's length changes every step, so the graph is compiled once with dynamic sizes
+    (the weights' shapes stay static) instead of once per length. Gradient checkpointing wraps the compiled call,
+    so the recompute in backward runs the compiled graph too.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile(backend=backend, dynamic=True)
+    return len(layers)
+
+
 def truncate_rows(dataset, max_length: int):
     """Keep each tokenized row's first max_length tokens, as TRL's own truncation does without padding_free."""
     return dataset.map(lambda row: {"input_ids": row["input_ids"][:max_length], "labels": row["labels"][:max_length]})

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray_sft import run_files
-from ray_sft.execution import RecipeNeftune, micro_batching, truncate_rows
+from ray_sft.execution import RecipeNeftune, compile_layers, compiles, micro_batching, truncate_rows
 from ray_sft.spec import JobSpec, from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,8 @@ def build_trainer(spec: JobSpec, model_path: str, tokenizer, train_rows: list[di
         # rows, would get far less noise than the recipe's 4-row batches. RecipeNeftune keeps the recipe's scale.
         RecipeNeftune(trainer.neftune_noise_alpha, spec.training.per_device_batch_size).attach(trainer.model)
         trainer.neftune_noise_alpha = None  # Trainer.train would add its own hook on top
+    if compiles(spec, torch.device(device).type):
+        log.info("compiled %d decoder layers (the first steps include the compile)", compile_layers(trainer.model))
     return trainer
 
 
@@ -235,7 +237,8 @@ def _report_callback_class():
             if tokens > self.last_tokens:
                 metrics["tokens_per_s"] = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
                 self.last_time, self.last_tokens = now, tokens
-            metrics.update(step=state.global_step, max_steps=state.max_steps)
+            # The worker's wall clock at the report: step times without the controller's collection delay.
+            metrics.update(step=state.global_step, max_steps=state.max_steps, timestamp=time.time())
             if torch.cuda.is_available():  # the worker's peak so far: what a run needs on its GPU
                 metrics["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None

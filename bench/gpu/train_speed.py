@@ -1,24 +1,27 @@
-"""QLoRA training speed on llm-jp-3-1.8b's shape: the recipe in plain TRL vs `ray-sft train` vs fast settings.
+"""QLoRA training speed on llm-jp-3-1.8b's shape: the recipe in plain TRL, ray_sft with and without Ray,
+fast settings with and without the compiled layers. Every configuration runs --repeats times, interleaved
+(a b c a b c ...), each in its own process; the table gives the median and min-max of each configuration, with
+ratios taken within this one call:
 
-One command on the GPU machine runs everything side by side (same model, data, seed, rows per step), each run in
-its own process with its own deadline, then prints a table and writes JSON to --out:
-
-    python bench/gpu/train_speed.py --out $OUT --runs recipe,ray,fast            # (a), (b), (c)
-    python bench/gpu/train_speed.py --out $OUT --runs ladder                     # each fast change alone
+    python bench/gpu/train_speed.py --out $OUT --configs plain-fast,ray-fast,plain-fast-eager --repeats 3
 
 The model is random-init (no weights can be downloaded there): throughput does not depend on the values. The data
 are synthetic instruction rows whose token counts follow dolly-ja's shape (lognormal, median about 150, long tail
 cut at 1024). A word-level tokenizer makes every synthetic word exactly one token, so lengths are exact.
-Throughput is trained (non-pad) tokens over the optimizer steps after the first (warm-up) up to TIMED_LAST, the
-same steps for every run, so every run times the same rows.
+Throughput is trained (non-pad) tokens over --timed optimizer steps after --warmup steps, the same steps (so the
+same rows) in every run; the GPU-busy fraction is nvidia-smi's utilization sampled every 100 ms over those steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import random
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -34,19 +37,17 @@ VOCAB = 99584
 TINY_SHAPE = dict(SHAPE, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4)  # --tiny: a CPU dry run of the whole script
 ROWS = 1024
-TIMED_FIRST, TIMED_LAST = 1, 4  # time steps 2..4: step 1 warms up, the last step of a Ray run also saves
-# Each change of the fast settings alone, in order (plain process through ray_sft's own trainer).
-LADDER = {
-    "recipe spec, no Ray": [],  # (b) without Ray: what Ray itself costs, apart from ray_sft's trainer
-    "micro 64, padded": ["training.micro_batch_size=64", "training.padding_free=false",
-                         "model.attn_implementation=sdpa"],
-    "micro 64, padding-free, sdpa": ["training.micro_batch_size=64", "training.padding_free=true",
-                                     "model.attn_implementation=sdpa"],
-    "micro 64, padding-free, varlen": ["training.micro_batch_size=64", "training.padding_free=true",
-                                       "model.attn_implementation=varlen"],
-    "micro 32, padding-free, varlen, no ckpt": ["training.micro_batch_size=32", "training.padding_free=true",
-                                                "model.attn_implementation=varlen",
-                                                "training.gradient_checkpointing=false"],
+FAST_EAGER = ["training.compile=false"]
+# name -> (how it runs, spec, overrides). "recipe" is the notebook in plain TRL (no ray_sft code), "plain" is
+# ray_sft's trainer in a plain process (what Ray costs is "ray" over "plain"), "ray" is `ray-sft train`.
+CONFIGS = {
+    "recipe": ("recipe", None, []),
+    "plain-recipe": ("plain", RECIPE_SPEC, []),
+    "ray-recipe": ("ray", RECIPE_SPEC, []),
+    "plain-fast": ("plain", FAST_SPEC, []),
+    "ray-fast": ("ray", FAST_SPEC, []),
+    "plain-fast-eager": ("plain", FAST_SPEC, FAST_EAGER),
+    "ray-fast-eager": ("ray", FAST_SPEC, FAST_EAGER),
 }
 
 
@@ -113,7 +114,7 @@ def step_recorder(records: list):
     class Record(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
-                records.append({"step": state.global_step, "time": time.monotonic(), "loss": logs["loss"],
+                records.append({"step": state.global_step, "time": time.time(), "loss": logs["loss"],
                                 "num_tokens": logs.get("num_tokens")})
 
     return Record()
@@ -163,11 +164,11 @@ def run_recipe(work: Path, steps: int, result: Path, device: str) -> None:
     write_result(result, records, peak_gib(device))
 
 
-def run_variant(work: Path, steps: int, result: Path, device: str, extra: list[str]) -> None:
-    """A ladder step: ray_sft's trainer (train.build_trainer) in a plain process, the recipe spec + `extra`."""
+def run_variant(work: Path, steps: int, result: Path, device: str, spec_path: Path, extra: list[str]) -> None:
+    """ray_sft's trainer (train.build_trainer) in a plain process, no Ray: `spec_path` + `extra`."""
     from ray_sft import data, modeling, spec, train
 
-    job = spec.load(RECIPE_SPEC, overrides(work, steps, "variant", device) + extra)
+    job = spec.load(spec_path, overrides(work, steps, "variant", device) + extra)
     tokenizer = modeling.load_tokenizer(str(work / "model"), job.model)
     examples = data.load_examples(job, tokenizer)
     records: list = []
@@ -188,73 +189,199 @@ def write_result(result: Path, records: list, peak: float | None) -> None:
     result.write_text(json.dumps({"steps": records, "peak_gib": peak}))
 
 
-def ray_run(work: Path, spec_path: Path, name: str, steps: int, device: str, deadline: float, extra=()) -> dict:
-    """`ray-sft train` as a user runs it; the steps' timings come from the run's metrics.jsonl (worker clocks)."""
+def ray_run(work: Path, spec_path: Path, name: str, steps: int, device: str, deadline: float, extra=(),
+            probe=None) -> dict:
+    """`ray-sft train` as a user runs it; step times are the worker's report timestamps (metrics.jsonl)."""
     command = [sys.executable, "-m", "ray_sft.cli", "train", str(spec_path),
                *overrides(work, steps, name, device), *extra]
-    proc = run_logged(command, work / f"{name}.log", deadline)
-    # Read even after a failure: the steps' records are written as they happen (a missing plotting library on the
-    # GPU image, say, fails the run only after training).
+    rc = run_logged(command, work / f"{name}.log", deadline, probe)
+    # Read even after a failure: the steps' records are written as they happen.
     path = work / "runs" / name / "metrics.jsonl"
     metrics = [json.loads(line) for line in open(path)] if path.is_file() else []
-    steps_, elapsed = [], 0.0
-    for m in metrics:
-        if "loss" not in m:
-            continue
-        # tokens_per_s is measured on the worker between consecutive reports: recover each step's duration.
-        new = m["num_tokens"] - (steps_[-1]["num_tokens"] if steps_ else 0)
-        elapsed += new / m["tokens_per_s"]
-        steps_.append({"step": m["step"], "time": elapsed, "loss": m["loss"], "num_tokens": m["num_tokens"]})
+    steps_ = [{"step": m["step"], "time": m["timestamp"], "loss": m["loss"], "num_tokens": m["num_tokens"]}
+              for m in metrics if "loss" in m]
     peak = max((m["gpu_peak_gib"] for m in metrics if "gpu_peak_gib" in m), default=None)
-    return {"steps": steps_, "peak_gib": peak, "rc": proc}
+    return {"steps": steps_, "peak_gib": peak, "rc": rc}
 
 
-def run_logged(command: list[str], log: Path, deadline: float) -> int:
+def run_logged(command: list[str], log: Path, deadline: float, probe=None) -> int:
     budget = deadline - time.monotonic()
     if budget < 30:
         log.write_text("skipped: no time left before the deadline\n")
         return -1
     with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        if probe:
+            probe.start(proc.pid)
         try:
-            return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=budget, cwd=REPO).returncode
+            return proc.wait(timeout=budget)
         except subprocess.TimeoutExpired:
+            proc.kill()
             out.write(f"\nkilled at the deadline ({budget:.0f}s)\n")
             return -9
+        finally:
+            if probe:
+                probe.stop()
 
 
-def plain_run(work: Path, kind: str, steps: int, device: str, deadline: float, name: str, extra=()) -> dict:
+class Probe:
+    """What runs in the training process while it trains: py-spy stacks of every thread and each thread's CPU time.
+
+    The training process is the run's own process (plain) or its Ray Train worker (found by name under the run).
+    """
+
+    def __init__(self, kind: str, out: Path, seconds: float):
+        self.kind, self.out, self.seconds = kind, out, seconds
+        self.threads: list[tuple[float, dict]] = []
+        self.running = False
+
+    def start(self, pid: int) -> None:
+        import threading
+
+        self.running = True
+        threading.Thread(target=self._watch, args=(pid,), daemon=True).start()
+
+    def stop(self) -> None:
+        self.running = False
+
+    def _target(self, pid: int) -> int | None:
+        if self.kind != "ray":
+            return pid
+        found = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+        return int(found[0]) if found else None
+
+    def _watch(self, pid: int) -> None:
+        target = None
+        while self.running and target is None:
+            target, _ = self._target(pid), time.sleep(1)
+        # Wait for the training steps: the GPU is busy once the model is on it and stepping (no GPU: a CPU dry run,
+        # where a fixed wait does).
+        waited = 0.0
+        while self.running and (GpuUtil.last or 0) < 20 and (GpuUtil.last is not None or waited < 30):
+            time.sleep(0.5)
+            waited += 0.5
+        if not self.running:
+            return
+        status = Path(f"/proc/{target}/status").read_text()
+        self.status = {k: v.strip() for k, _, v in (line.partition(":") for line in status.splitlines())
+                       if k in ("Threads", "Cpus_allowed_list", "voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")}
+        spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(target), "--rate", "100", "--threads",
+                                "--nonblocking", "--format", "raw", "--duration", str(int(self.seconds)),
+                                "-o", str(self.out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        first = self._thread_cpu(target)
+        spy.wait()
+        last = self._thread_cpu(target)
+        self.thread_cpu_s = sorted(((last[t][0], round((last[t][1] - first.get(t, (None, 0))[1]) / os.sysconf(
+            "SC_CLK_TCK"), 2)) for t in last), key=lambda x: -x[1])[:12]
+
+    @staticmethod
+    def _thread_cpu(pid: int) -> dict:
+        cpu = {}
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                comm = (task / "comm").read_text().strip()
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                cpu[task.name] = (comm, int(fields[11]) + int(fields[12]))
+        return cpu
+
+    def summary(self) -> dict:
+        """The hottest stacks' leaf frames per thread, from py-spy's raw output (stack;stack;... count)."""
+        leaves: dict[str, int] = {}
+        total = 0
+        if self.out.is_file():
+            for line in self.out.read_text().splitlines():
+                stack, _, count = line.rpartition(" ")
+                frames = stack.split(";")
+                key = frames[0] + " > " + " > ".join(frames[-3:])
+                leaves[key] = leaves.get(key, 0) + int(count)
+                total += int(count)
+        top = sorted(leaves.items(), key=lambda x: -x[1])[:40]
+        return {"status": getattr(self, "status", None), "thread_cpu_s": getattr(self, "thread_cpu_s", None),
+                "samples": total, "top": top}
+
+
+def plain_run(work: Path, kind: str, steps: int, device: str, deadline: float, name: str, spec_path=None,
+              extra=(), probe=None) -> dict:
     result = work / f"{name}.json"
     command = [sys.executable, __file__, "--work", str(work), "--device", device, "--one", kind,
                "--steps", str(steps), "--result", str(result), *[f"--extra={e}" for e in extra]]
-    rc = run_logged(command, work / f"{name}.log", deadline)
+    if spec_path:
+        command.append(f"--spec={spec_path}")
+    rc = run_logged(command, work / f"{name}.log", deadline, probe)
     outcome = json.loads(result.read_text()) if rc == 0 else {"steps": [], "peak_gib": None}
     return {**outcome, "rc": rc}
+
+
+class GpuUtil:
+    last: float | None = None  # the latest sample, for Probe
+
+
+class GpuBusy:
+    """nvidia-smi's utilization.gpu every 100 ms, each sample stamped with the wall clock on arrival."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, float]] = []
+        self.proc = None
+
+    def __enter__(self):
+        import threading
+
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                          "-lms", "100"], stdout=subprocess.PIPE, text=True)
+            threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError):
+                self.samples.append((time.time(), float(line.split(",")[0])))
+                GpuUtil.last = self.samples[-1][1]
+
+    def __exit__(self, *exc):
+        if self.proc:
+            self.proc.terminate()
+
+    def between(self, start: float, end: float) -> float | None:
+        inside = [u for t, u in self.samples if start <= t <= end]
+        return sum(inside) / len(inside) / 100 if inside else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Summary
 
 
-def summarise(outcome: dict) -> dict:
+def summarise(outcome: dict, first: int, last: int, busy: GpuBusy) -> dict:
     by_step = {s["step"]: s for s in outcome["steps"]}
-    if TIMED_FIRST not in by_step or TIMED_LAST not in by_step:
-        return {"tokens_per_s": None, "s_per_step": None, "peak_gib": outcome.get("peak_gib"), "rc": outcome["rc"]}
-    first, last = by_step[TIMED_FIRST], by_step[TIMED_LAST]
-    seconds = last["time"] - first["time"]
-    return {"tokens_per_s": (last["num_tokens"] - first["num_tokens"]) / seconds,
-            "s_per_step": seconds / (TIMED_LAST - TIMED_FIRST),
-            "tokens_per_step": (last["num_tokens"] - first["num_tokens"]) / (TIMED_LAST - TIMED_FIRST),
-            "peak_gib": outcome.get("peak_gib"), "losses": [s["loss"] for s in outcome["steps"]], "rc": outcome["rc"]}
+    if first not in by_step or last not in by_step:
+        return {"tokens_per_s": None, "rc": outcome["rc"]}
+    a, b = by_step[first], by_step[last]
+    seconds = b["time"] - a["time"]
+    return {"tokens_per_s": (b["num_tokens"] - a["num_tokens"]) / seconds, "s_per_step": seconds / (last - first),
+            "tokens_per_step": (b["num_tokens"] - a["num_tokens"]) / (last - first),
+            "warmup_s": a["time"] - outcome["started"], "gpu_busy": busy.between(a["time"], b["time"]),
+            "peak_gib": outcome.get("peak_gib"), "losses": [s["loss"] for s in outcome["steps"]],
+            "rc": outcome["rc"]}
 
 
-def table(rows: dict, reference: str | None) -> str:
-    base = rows.get(reference, {}).get("tokens_per_s") if reference else None
-    lines = ["| run | trained tokens/s | s/step | peak GiB | vs " + (reference or "-") + " |", "|---|---|---|---|---|"]
-    for name, r in rows.items():
-        tps = r.get("tokens_per_s")
-        ratio = f"{tps / base:.2f}x" if tps and base else "-"
-        lines.append(f"| {name} | {tps:,.0f} | {r['s_per_step']:.2f} | {r['peak_gib'] or 0:.1f} | {ratio} |"
-                     if tps else f"| {name} | failed (rc {r['rc']}) | - | - | - |")
+def spread(values: list[float]) -> dict:
+    values = sorted(v for v in values if v is not None)
+    return {"median": statistics.median(values), "min": values[0], "max": values[-1]} if values else {}
+
+
+def table(summary: dict, reference: str | None) -> str:
+    base = summary.get(reference, {}).get("tokens_per_s", {}).get("median") if reference else None
+    lines = [f"| config | trained tokens/s, median (min-max) | s/step | GPU busy | peak GiB | vs {reference} |",
+             "|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        tps = s["tokens_per_s"]
+        if not tps:
+            lines.append(f"| {name} | failed | - | - | - | - |")
+            continue
+        ratio = f"{tps['median'] / base:.2f}x" if base else "-"
+        busy = f"{s['gpu_busy']['median']:.0%}" if s["gpu_busy"] else "-"
+        lines.append(f"| {name} | {tps['median']:,.0f} ({tps['min']:,.0f}-{tps['max']:,.0f}) | "
+                     f"{s['s_per_step']['median']:.3f} | {busy} | {s['peak_gib'] or 0:.1f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -271,25 +398,56 @@ def environment() -> dict:
     return info
 
 
+def run_config(args, name: str, label: str, deadline: float, probe=None, timed=None) -> dict:
+    kind, spec_path, extra = CONFIGS[name]
+    cpu = ["model.attn_implementation=sdpa"] if args.device == "cpu" else []  # varlen is CUDA-only
+    warmup = args.recipe_warmup if spec_path in (None, RECIPE_SPEC) else args.warmup
+    steps = warmup + (timed or args.timed) + (1 if kind == "ray" else 0)  # a Ray run's last step saves: untimed
+    started = time.time()
+    if kind == "ray":
+        outcome = ray_run(args.work, spec_path, label, steps, args.device, deadline, [*extra, *cpu], probe)
+    else:
+        outcome = plain_run(args.work, kind if kind == "recipe" else "variant", steps, args.device, deadline, label,
+                            spec_path, [*extra, *cpu], probe)
+    return {**outcome, "started": started, "warmup": warmup}
+
+
+def profile(args, names: list[str], deadline: float) -> dict:
+    """One untimed run per configuration with a Probe on its training process (py-spy slows what it samples)."""
+    found = {}
+    for name in names:
+        probe = Probe(CONFIGS[name][0], args.work / f"profile-{name}.txt", args.profile_seconds)
+        run_config(args, name, f"profile-{name}", deadline, probe, timed=args.profile_steps)
+        found[name] = probe.summary()
+        print(f"profile {name}: {found[name]['status']} cpu by thread {found[name]['thread_cpu_s']}", flush=True)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/train_speed"))
-    parser.add_argument("--runs", default="recipe,ray,fast")
+    parser.add_argument("--configs", default="plain-fast,ray-fast", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (compile, caches)")
+    parser.add_argument("--recipe-warmup", type=int, default=1, help="the same for the recipe's configurations")
+    parser.add_argument("--timed", type=int, default=10, help="optimizer steps timed after the warm-up")
     parser.add_argument("--deadline", type=float, default=560, help="seconds for the whole script")
+    parser.add_argument("--profile", default="", help="configs to run once, untimed, under py-spy first")
+    parser.add_argument("--profile-seconds", type=float, default=8)
+    parser.add_argument("--profile-steps", type=int, default=25)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU: dry-run the script")
-    parser.add_argument("--loss-steps", type=int, default=10)
-    parser.add_argument("--ladder", default="all", help="ladder entries to run: 'all' or indices like 0+3")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=5, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--extra", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one == "recipe":
         return run_recipe(args.work, args.steps, args.result, args.device)
     if args.one == "variant":
-        return run_variant(args.work, args.steps, args.result, args.device, args.extra)
+        return run_variant(args.work, args.steps, args.result, args.device, args.spec, args.extra)
 
     deadline = time.monotonic() + args.deadline
     args.out.mkdir(parents=True, exist_ok=True)
@@ -299,49 +457,37 @@ def main() -> None:
         setup(args.work, args.tiny)
     print(f"setup {time.monotonic() - started:.0f}s", json.loads((args.work / "data_stats.json").read_text()),
           flush=True)
-    runs = args.runs.split(",")
-    rows, reference = {}, None
-    short = TIMED_LAST + 1
-    if "recipe" in runs:
-        reference = "(a) recipe, plain TRL"
-        rows[reference] = summarise(plain_run(args.work, "recipe", args.loss_steps, args.device, deadline, "a"))
-    if "ray" in runs:
-        rows["(b) ray-sft train, recipe spec"] = summarise(
-            ray_run(args.work, RECIPE_SPEC, "b", short, args.device, deadline))
-    if "fast" in runs:
-        cpu = ["model.attn_implementation=sdpa"] if args.device == "cpu" else []  # varlen is CUDA-only
-        rows["(c) ray-sft train, fast spec"] = summarise(
-            ray_run(args.work, FAST_SPEC, "c", args.loss_steps, args.device, deadline, cpu))
-    if "ladder" in runs:
-        chosen = range(len(LADDER)) if args.ladder == "all" else [int(i) for i in args.ladder.split("+")]
-        for i, (name, extra) in enumerate(LADDER.items()):
-            if i not in chosen:
-                continue
-            if args.device == "cpu" and "varlen" in name:
-                continue  # torch's varlen kernel is CUDA-only
-            rows[name] = summarise(plain_run(args.work, "variant", short, args.device, deadline, f"l{i}", extra))
-        reference = reference or next(iter(rows))
-        for name, r in rows.items():
-            print(name, "->", r, flush=True)
+    names = args.configs.split(",")
+    profiled = [n for n in args.profile.split(",") if n]
+    unknown = [n for n in names + profiled if n not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
+    runs: dict[str, list] = {n: [] for n in names}
+    with GpuBusy() as busy:
+        profiles = profile(args, profiled, deadline)
+        for index in range(args.repeats):  # interleaved: a b c a b c ...
+            for name in names:
+                outcome = run_config(args, name, f"{name}-{index}", deadline)
+                runs[name].append(summarise(outcome, outcome["warmup"], outcome["warmup"] + args.timed, busy))
+                r = runs[name][-1]
+                print(f"{name} #{index}: " + (f"{r['tokens_per_s']:,.0f} tokens/s, {r['s_per_step']:.3f} s/step, "
+                                              f"GPU busy {r['gpu_busy'] or 0:.0%}, warm-up {r['warmup_s']:.0f}s"
+                                              if r["tokens_per_s"] else f"failed (rc {r['rc']})"), flush=True)
+    summary = {name: {key: spread([r.get(key) for r in rs]) for key in ("tokens_per_s", "s_per_step", "gpu_busy")}
+               | {"peak_gib": max((r.get("peak_gib") or 0 for r in rs), default=None)}
+               for name, rs in runs.items()}
+    reference = "recipe" if "recipe" in names else names[0]
     report = {"environment": environment(), "data": json.loads((args.work / "data_stats.json").read_text()),
-              "timed_steps": [TIMED_FIRST + 1, TIMED_LAST], "runs": rows,
+              "warmup_steps": args.warmup, "timed_steps": args.timed, "repeats": args.repeats,
+              "order": "interleaved", "summary": summary, "runs": runs, "profiles": profiles,
               "wall_s": time.monotonic() - started}
-    a, c = rows.get("(a) recipe, plain TRL", {}), rows.get("(c) ray-sft train, fast spec", {})
-    if a.get("losses") and c.get("losses"):
-        report["loss_first_steps"] = {"recipe": a["losses"], "fast": c["losses"],
-                                      "max_abs_diff": max(abs(x - y) for x, y in zip(a["losses"], c["losses"]))}
-    (args.out / f"train_speed_{'_'.join(runs)}.json").write_text(json.dumps(report, indent=1))
+    (args.out / "train_speed.json").write_text(json.dumps(report, indent=1))
     # One file for every run's log tail: what comes back from the GPU machine is limited to a few files.
-    with open(args.out / f"logs_{'_'.join(runs)}.txt", "w") as out:
+    with open(args.out / "train_speed_logs.txt", "w") as out:
         for log in sorted(args.work.glob("*.log")):
-            out.write(f"===== {log.name}\n{log.read_text()[-3000:]}\n")
-    if "loss_first_steps" in report:
-        loss = report["loss_first_steps"]
-        print("loss per step, recipe:", " ".join(f"{x:.4f}" for x in loss["recipe"]))
-        print("loss per step, fast:  ", " ".join(f"{x:.4f}" for x in loss["fast"]))
-        print(f"max |diff| {loss['max_abs_diff']:.4f}")
+            out.write(f"===== {log.name}\n{log.read_text()[-4000:]}\n")
     print(json.dumps(report["environment"]))
-    print(table(rows, reference))
+    print(table(summary, reference))
 
 
 if __name__ == "__main__":
