@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -33,7 +34,8 @@ def _serving_verbs(verbs) -> None:
 
     serve = verbs.add_parser("serve", help="OpenAI-compatible adapter serving on Ray Serve")
     serve.add_argument("spec", nargs="?", help="job spec: serve its run's best (or final) adapter")
-    serve.add_argument("overrides", nargs="*", metavar="key.path=value", help="override spec fields")
+    serve.add_argument("overrides", nargs="*", metavar="key.path=value",
+                       help="override spec fields (with --adapter: the adapter's run spec)")
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="repeatable")
     serve.add_argument("--base", default=None, help="base model; default: the one recorded in the adapters")
     serve.add_argument("--host", default=None, help="default: serve.host (127.0.0.1)")
@@ -120,6 +122,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*(args.overrides or []), *extra]
+    # `serve --adapter NAME=PATH k=v`: serve's spec file is optional, so argparse puts the first override there.
+    if args.verb == "serve" and args.spec and "=" in args.spec and not Path(args.spec).is_file():
+        args.spec, args.overrides = None, [args.spec, *args.overrides]
     return args
 
 

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException
 from ray_sft import generate, modeling, openai_api
 from ray_sft.generate import Completion
 from ray_sft.openai_api import ApiError
-from ray_sft.spec import GenerationSpec, JobSpec, from_dict, to_dict
+from ray_sft.spec import GenerationSpec, JobSpec, from_dict, to_dict, with_values
 
 # Serve routes this logger to the replica log files; another name would be dropped inside a replica.
 log = logging.getLogger("ray.serve")
@@ -68,8 +68,26 @@ def adapter_entry(path: str | Path) -> dict:
     return {"path": str(path), "stamp": f"{stat.st_mtime_ns}-{stat.st_size}"}
 
 
+def resolve(spec: JobSpec, adapters: int, cluster: dict[str, float]) -> JobSpec:
+    """The spec a replica runs with: serve's "auto" values decided for `adapters` adapters on a cluster with these
+    resources (ray.cluster_resources()), so a replica only ever sees a GPU count and a merge flag."""
+    s = spec.serve
+    gpus = (1 if cluster.get("GPU", 0) > 0 else 0) if s.gpus_per_replica == "auto" else s.gpus_per_replica
+    # One adapter on a GPU merges: the dense model decodes with the static cache and CUDA graphs (the fast path).
+    # Several adapters are switched per batch, which needs them unmerged; on CPU nothing is compiled and the 4-bit
+    # base keeps the replica small.
+    merge = (adapters == 1 and gpus > 0) if s.merge == "auto" else s.merge
+    return with_values(spec, {"serve.gpus_per_replica": gpus, "serve.merge": merge})
+
+
+def replica_spec(spec: JobSpec, adapters: dict[str, str]) -> JobSpec:
+    # The one place the driver looks at the cluster's GPUs: at deploy time, before any replica starts.
+    return resolve(spec, len(adapters), ray.cluster_resources())
+
+
 def build_app(spec: JobSpec, base: str, registry: str, api_key: str | None = None):
-    """The Serve application on `base` with the spec's serve settings; adapters come from the named registry."""
+    """The Serve application on `base` with the (resolved) spec's serve settings; adapters come from the named
+    registry."""
     s = spec.serve
     deployment = ModelServer.options(
         ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
@@ -132,8 +150,9 @@ def deploy(spec: JobSpec, base: str, adapters: dict[str, str], api_key: str | No
            name: str = APP_NAME, route_prefix: str = "/", timeout_s: float = 300) -> None:
     """Serve `adapters` (name -> folder) on `base`; wait until every replica serves them.
 
-    When the app already runs with the same base, spec and key, only the adapters change: a hot swap.
+    When the app already runs with the same base, resolved spec and key, only the adapters change: a hot swap.
     """
+    spec = replica_spec(spec, adapters)
     registry, version, running = _publish(spec, base, adapters, api_key, name, route_prefix)
     if not running:
         serve.run(build_app(spec, base, _registry_name(name), api_key), name=name, route_prefix=route_prefix)
@@ -146,6 +165,7 @@ def app_builder(args: dict):
     Serves what `ray-sft serve JOB.yaml` serves; the API key comes from the spec's environment variable.
     """
     job, base, adapters = targets(args["spec"], list(args.get("overrides", [])), [], None)
+    job = replica_spec(job, adapters)
     key = api_key(job, job.serve.host)
     _publish(job, base, adapters, key, APP_NAME, "/")
     return build_app(job, base, _registry_name(APP_NAME), key)
@@ -529,7 +549,7 @@ def targets(spec_path: str | None, overrides: list[str], adapter_args: list[str]
     """(settings, base, name -> adapter folder) from a job spec and/or NAME=PATH pairs.
 
     A job spec serves its run's tune winner (<run>/best/adapter) if there is one, else <run>/adapter, under
-    output.name; without one, the settings come from the first adapter's run folder.
+    output.name; without one, the settings come from the first adapter's run folder. `overrides` apply either way.
     """
     from ray_sft import spec as spec_module
 
@@ -548,4 +568,5 @@ def targets(spec_path: str | None, overrides: list[str], adapter_args: list[str]
     bases = {generate.base_of(path) for path in adapters.values()}
     if base is None and len(bases) > 1:
         raise ServeError(f"serve: the adapters were trained on different bases {sorted(bases)}; pick one with --base")
-    return job or generate.run_spec(next(iter(adapters.values()))), base or bases.pop(), adapters
+    job = job or spec_module.with_overrides(generate.run_spec(next(iter(adapters.values()))), overrides)
+    return job, base or bases.pop(), adapters

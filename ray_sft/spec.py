@@ -204,10 +204,16 @@ class ServeSpec:
     port: int = field(default=8000, metadata=_check(lambda v: 0 < v < 65536, "must be a TCP port"))
     # Name of the environment variable holding the API key; required when host is not loopback.
     api_key_env: Optional[str] = None
-    merge: bool = False
+    # Fold the adapter into a dense base (the static-cache decoder: on CUDA, the fast path; see README, "Fast
+    # serving"). "auto": merged for a single adapter on a GPU replica; several adapters (switched per batch) and
+    # CPU replicas keep the 4-bit base with adapters on top. Resolved at deploy time (serve.resolve).
+    merge: Union[bool, Literal["auto"]] = "auto"
     autoscaling: AutoscalingSpec = field(default_factory=AutoscalingSpec)
     cpus_per_replica: float = field(default=1, metadata=POSITIVE)
-    gpus_per_replica: float = field(default=0, metadata=NON_NEGATIVE)
+    # "auto": 1 when the Ray cluster has a GPU at deploy time, else 0 (CPU). A cluster that adds GPU nodes only on
+    # demand has none before the first job: give a number there.
+    gpus_per_replica: Union[float, Literal["auto"]] = field(
+        default="auto", metadata=_check(lambda v: v == "auto" or v >= 0, "must be >= 0 or auto"))
     max_batch_size: int = field(default=8, metadata=POSITIVE)
     batch_wait_timeout_s: float = field(default=0.02, metadata=NON_NEGATIVE)
     max_prompt_tokens: int = field(default=1024, metadata=POSITIVE)
@@ -456,3 +462,8 @@ def to_yaml(spec: JobSpec) -> str:
 def with_values(spec: JobSpec, values: dict[str, Any]) -> JobSpec:
     """A new validated spec with dotted-path values set (how tune builds each trial's spec)."""
     return from_dict(set_values(to_dict(spec), values), default_name=spec.output.name)
+
+
+def with_overrides(spec: JobSpec, overrides: list[str]) -> JobSpec:
+    """A new validated spec with `k=v` overrides on top (a spec that comes from a run folder, not a file)."""
+    return with_values(spec, dict(parse_override(text) for text in overrides))

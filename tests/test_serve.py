@@ -12,12 +12,13 @@ import time
 
 import httpx
 import pytest
+import ray
 from ray import serve
 
-from ray_sft import cli, generate
+from ray_sft import cli, generate, spec as rspec
 from ray_sft import serve as rs
 from tests.adapters import random_adapter
-from tests.conftest import quick_spec
+from tests.conftest import QUICKSTART, REPO, quick_spec
 
 PROMPT = "時間管理能力をあげるには?"
 KEY_ENV = "RAY_SFT_TEST_API_KEY"
@@ -215,6 +216,9 @@ def test_invalid_serving_setups_are_refused(setup):
         rs.deploy(setup["spec"], setup["base"], {"../x": str(setup["other"])}, name="bad")
     with pytest.raises(rs.ServeError, match="not an adapter folder"):
         rs.deploy(setup["spec"], setup["base"], {"x": str(setup["other"].parent)}, name="bad")
+    merged = rspec.with_overrides(setup["spec"], ["serve.merge=true"])
+    with pytest.raises(rs.ServeError, match="serve.merge: a merged model serves exactly one adapter"):
+        rs.deploy(merged, setup["base"], {"a": str(setup["trained"]), "b": str(setup["other"])}, name="bad")
     assert "bad" not in serve.status().applications
 
 
@@ -322,3 +326,82 @@ def test_autoscaling_goes_to_two_replicas_under_load_and_back(client, setup):
         assert _wait_for(lambda: _running_replicas("scale") == 1, timeout_s=90), "never scaled back down"
     finally:
         rs.stop("scale")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# serve's "auto" settings and `ray-sft serve` overrides (nothing deployed)
+
+GPU_SPECS = sorted(REPO.glob("jobs/llm-jp-3-1.8b-dolly-ja*.yaml"))
+
+
+@pytest.mark.parametrize("cluster,adapters,expected", [
+    ({"CPU": 2.0}, 1, (0, False)),  # no GPU: CPU replica, 4-bit base + adapter
+    ({"CPU": 16.0, "GPU": 0.0}, 1, (0, False)),
+    ({"CPU": 16.0, "GPU": 1.0}, 1, (1, True)),  # one adapter on a GPU: merged, the static-cache fast path
+    ({"CPU": 16.0, "GPU": 8.0}, 2, (1, False)),  # several adapters stay switchable per batch
+])
+def test_auto_resolves_from_the_cluster_and_the_adapter_count(cluster, adapters, expected):
+    served = rs.resolve(rspec.from_dict({}), adapters, cluster).serve
+    assert (served.gpus_per_replica, served.merge) == expected
+
+
+@pytest.mark.parametrize("overrides,cluster,expected", [
+    (["serve.gpus_per_replica=0"], {"GPU": 1.0}, (0, False)),  # pinned to CPU
+    (["serve.merge=false"], {"GPU": 1.0}, (1, False)),
+    (["serve.merge=true"], {"CPU": 2.0}, (0, True)),
+    (["serve.gpus_per_replica=0.5"], {}, (0.5, True)),
+])
+def test_explicit_serve_values_are_kept(overrides, cluster, expected):
+    served = rs.resolve(rspec.with_overrides(rspec.from_dict({}), overrides), 1, cluster).serve
+    assert (served.gpus_per_replica, served.merge) == expected
+
+
+@pytest.mark.parametrize("path", GPU_SPECS, ids=lambda p: p.name)
+def test_shipped_gpu_specs_serve_merged_on_a_gpu(path):
+    served = rs.resolve(rspec.load(path), 1, {"CPU": 8.0, "GPU": 1.0}).serve
+    assert (served.gpus_per_replica, served.merge) == (1, True)
+
+
+def test_defaults_resolve_for_the_real_cluster(ray_cluster, tmp_path):
+    """On the test cluster (no GPU on a CPU machine) the defaults give a CPU replica serving the 4-bit base."""
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    served = rs.replica_spec(quick_spec(tmp_path), {"one": "unused"}).serve
+    assert (served.gpus_per_replica, served.merge) == ((1, True) if has_gpu else (0, False))
+
+
+@pytest.fixture(scope="module")
+def run_adapter(tmp_path_factory, tiny_model_path):
+    """<run>/adapter with <run>/spec.yaml beside it, as train leaves them (made in seconds, without Ray)."""
+    out = tmp_path_factory.mktemp("run")
+    return random_adapter(quick_spec(out), tiny_model_path, out, seed=3)
+
+
+def _served(argv: list[str]):
+    """What `ray-sft serve ARGV` would deploy: (spec, base, adapters)."""
+    args = cli._parse(["serve", *argv])
+    return rs.targets(args.spec, args.overrides, args.adapter, args.base)
+
+
+def test_overrides_between_and_after_adapter_flags_reach_the_served_spec(run_adapter):
+    job, base, adapters = _served(["--adapter", f"a={run_adapter}", "serve.max_batch_size=3",
+                                   "--adapter", f"b={run_adapter}", "generation.max_new_tokens=7"])
+    assert (job.serve.max_batch_size, job.generation.max_new_tokens) == (3, 7)
+    assert job.quantization == generate.run_spec(run_adapter).quantization  # the rest: the adapter's run spec
+    assert adapters == {"a": str(run_adapter), "b": str(run_adapter)} and base == generate.base_of(run_adapter)
+
+
+def test_overrides_with_a_job_spec_reach_the_served_spec(run_adapter):
+    run = run_adapter.parent
+    job, _, adapters = _served([str(QUICKSTART), f"output.dir={run.parent}", f"output.name={run.name}",
+                                "--adapter", f"b={run_adapter}", "serve.max_batch_size=3"])
+    assert job.serve.max_batch_size == 3 and adapters == {run.name: str(run_adapter), "b": str(run_adapter)}
+
+
+@pytest.mark.parametrize("override,error", [
+    ("serve.max_batch_size=0", "serve.max_batch_size: must be > 0"),
+    ("serve.gpus_per_replica=many", "serve.gpus_per_replica: 'many' is not one of"),
+    ("serve.bogus=1", "serve.bogus: unknown field"),
+])
+def test_bad_serve_override_exits_2_naming_the_field(run_adapter, capsys, override, error):
+    assert cli.main(["serve", "--adapter", f"a={run_adapter}", override]) == 2
+    assert error in capsys.readouterr().err

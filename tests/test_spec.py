@@ -59,6 +59,14 @@ def test_empty_spec_is_all_defaults_and_matches_the_recipe():
     assert job.output.name == "job"
 
 
+def test_serving_defaults_to_auto_and_takes_explicit_values():
+    served = spec.from_dict({}).serve
+    assert (served.gpus_per_replica, served.merge) == ("auto", "auto")  # decided at deploy time (serve.resolve)
+    explicit = spec.from_dict({"serve": {"gpus_per_replica": 0, "merge": True}}).serve
+    assert (explicit.gpus_per_replica, explicit.merge) == (0, True)
+    assert spec.from_dict({"serve": {"gpus_per_replica": 0.5}}).serve.gpus_per_replica == 0.5
+
+
 def test_quickstart_uses_tiny_model_and_resolves_bundled_data():
     job = spec.load(REPO / "jobs" / "quickstart.yaml")
     assert job.model.name_or_path == "tiny"
@@ -91,6 +99,9 @@ def test_non_positive_learning_rate(lr):
     ("lora", "modules_to_save", "embed_tokens", "lora.modules_to_save: must be a list"),
     ("lora", "dropout", 1.0, "lora.dropout: must be in [0, 1)"),
     ("serve", "port", 70000, "serve.port: must be a TCP port"),
+    ("serve", "gpus_per_replica", -1, "serve.gpus_per_replica: must be >= 0 or auto"),
+    ("serve", "gpus_per_replica", "many", "serve.gpus_per_replica: 'many' is not one of: float, 'auto'"),
+    ("serve", "merge", "sometimes", "serve.merge: 'sometimes' is not one of: bool, 'auto'"),
 ])
 def test_wrong_type_or_range(section, key, value, expected):
     assert errors_of({section: {key: value}}) == [expected]
@@ -309,6 +320,14 @@ def test_with_values_round_trip(tmp_path):
     expected["lora"]["r"] = 4
     expected["training"]["learning_rate"] = 1e-3
     assert spec.to_dict(trial) == expected
+
+
+def test_with_overrides_applies_k_v_on_top_of_a_spec():
+    job = spec.with_overrides(spec.from_dict({"lora": {"r": 4}}), ["serve.max_batch_size=3", "serve.merge=false"])
+    assert (job.serve.max_batch_size, job.serve.merge, job.lora.r) == (3, False, 4)
+    with pytest.raises(SpecError) as info:
+        spec.with_overrides(job, ["serve.gpus_per_replica=-1"])
+    assert info.value.errors == ["serve.gpus_per_replica: must be >= 0 or auto"]
 
 
 def test_with_values_validates():
