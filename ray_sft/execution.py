@@ -18,12 +18,6 @@ def micro_batching(spec: JobSpec) -> tuple[int, int]:
     return micro, rows_per_step // micro
 
 
-def compiles(spec: JobSpec, device_type: str) -> bool:
-    """Whether training compiles its decoder layers (`training.compile`; "auto": on CUDA)."""
-    wanted = spec.training.compile
-    return device_type == "cuda" if wanted == "auto" else bool(wanted)
-
-
 def compile_layers(model, backend: str = "inductor") -> int:
     """torch.compile every decoder layer in place and return how many were compiled.
 

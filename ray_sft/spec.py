@@ -120,10 +120,10 @@ class TrainingSpec:
     micro_batch_size: Optional[int] = field(default=None, metadata=POSITIVE)
     # Concatenate a micro-batch's rows into one sequence with per-row position ids instead of padding them.
     padding_free: bool = True
-    # torch.compile each decoder layer (one graph shared by all layers, any packed length): fuses the LoRA,
-    # norm, RoPE and activation element-wise work and cuts the per-step kernel launches that bound the step on a
-    # GPU. "auto": on CUDA only; on CPU the compile takes longer than a short run saves (bench/RESULTS.md).
-    compile: Union[bool, Literal["auto"]] = "auto"
+    # torch.compile each decoder layer (one graph shared by all layers, any packed length) to fuse the LoRA,
+    # norm, RoPE and activation element-wise work. Off until a benchmark shows it pays: on the H200 the compiled
+    # fast step was not measurably faster in exploratory runs (bench/RESULTS.md, "Compiled layers").
+    compile: bool = False
 
 
 @dataclass

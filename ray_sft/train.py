@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray_sft import run_files
-from ray_sft.execution import RecipeNeftune, compile_layers, compiles, micro_batching, truncate_rows
+from ray_sft.execution import RecipeNeftune, compile_layers, micro_batching, truncate_rows
 from ray_sft.spec import JobSpec, from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def build_trainer(spec: JobSpec, model_path: str, tokenizer, train_rows: list[di
         # rows, would get far less noise than the recipe's 4-row batches. RecipeNeftune keeps the recipe's scale.
         RecipeNeftune(trainer.neftune_noise_alpha, spec.training.per_device_batch_size).attach(trainer.model)
         trainer.neftune_noise_alpha = None  # Trainer.train would add its own hook on top
-    if compiles(spec, torch.device(device).type):
+    if spec.training.compile:
         log.info("compiled %d decoder layers (the first steps include the compile)", compile_layers(trainer.model))
     return trainer
 

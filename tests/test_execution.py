@@ -8,13 +8,6 @@ from ray_sft import data, execution, modeling, train
 from tests.conftest import quick_spec
 
 
-@pytest.mark.parametrize("wanted, device, expected", [("auto", "cpu", False), ("auto", "cuda", True),
-                                                      (True, "cpu", True), (False, "cuda", False)])
-def test_compile_switch(tmp_path, wanted, device, expected):
-    job = quick_spec(tmp_path, f"training.compile={str(wanted).lower()}")
-    assert execution.compiles(job, device) is expected
-
-
 def test_compile_true_compiles_every_decoder_layer(tmp_path, tiny_model_path):
     job = quick_spec(tmp_path, "training.compile=true", "data.max_rows=16", "data.eval_rows=0")
     trainer = _trainer(job, tiny_model_path, tmp_path)
