@@ -54,9 +54,9 @@ class RecipeNeftune:
         self.batch: dict = {}
 
     def attach(self, model) -> None:
-        from transformers.trainer_utils import _is_peft_model
+        from peft import PeftModel
 
-        base = model.base_model.model if _is_peft_model(model) else model
+        base = model.base_model.model if isinstance(model, PeftModel) else model
         model.register_forward_pre_hook(self._remember_batch, with_kwargs=True)
         base.get_input_embeddings().register_forward_hook(self._add_noise)
 

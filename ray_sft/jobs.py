@@ -76,10 +76,12 @@ def _forget_rays_cached_token() -> None:
     """Without a token of ours, JobSubmissionClient adds Ray's own, which Ray caches per process once any
     ray.init ran here: it could be a stale token from a since-changed environment. Make Ray re-read the same
     sources auth_token() just found empty."""
-    with contextlib.suppress(ImportError, AttributeError):
-        from ray._raylet import AuthenticationTokenLoader
+    from ray import _raylet
 
-        AuthenticationTokenLoader.instance().reset_cache()
+    from ray_sft.couplings import require
+
+    loader = require("ray", _raylet, "AuthenticationTokenLoader")
+    require("ray", loader.instance(), "reset_cache")()
 
 
 @contextlib.contextmanager

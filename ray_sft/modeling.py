@@ -163,12 +163,24 @@ def disable_cpu_repack(model) -> int:
     """
     import bitsandbytes as bnb
 
+    from ray_sft.couplings import require
+
     changed = 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
+            # A renamed attribute would make this assignment a silent no-op and the gradients wrong again.
+            require("bitsandbytes", module, "support_avx512bf16_for_cpu")
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed
+
+
+def cpu_repack_disabled(model) -> tuple[int, int]:
+    """(4-bit layers with the repack disabled, all 4-bit layers): what a training process reports in its audit."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    return sum(getattr(m, "support_avx512bf16_for_cpu", True) is False for m in layers), len(layers)
 
 
 def lora_targets(model, lora: LoraSpec) -> list[str]:

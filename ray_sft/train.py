@@ -107,6 +107,10 @@ def _sharded_trainer_class():
     """
     from trl import SFTTrainer
 
+    from ray_sft.couplings import drift, require
+
+    require("transformers", SFTTrainer, "_get_train_sampler", ("train_dataset",))
+
     class _Trainer(SFTTrainer):
         def __init__(self, *args, presharded: bool, **kwargs):
             self.presharded = presharded
@@ -119,8 +123,12 @@ def _sharded_trainer_class():
 
         def get_train_dataloader(self):
             loader = super().get_train_dataloader()
-            shard = getattr(loader, "batch_sampler", None)
-            if self.presharded and shard is not None and hasattr(shard, "num_processes"):
+            if self.presharded:
+                shard = getattr(loader, "batch_sampler", None)
+                if not (hasattr(shard, "num_processes") and hasattr(shard, "process_index")):
+                    # Leaving accelerate's split in place would train each rank on half its shard, silently.
+                    raise drift("accelerate", f"the prepared train loader's batch sampler ({type(shard).__name__}) "
+                                "has no num_processes/process_index to turn its per-rank split off")
                 shard.num_processes, shard.process_index = 1, 0
             return loader
 
@@ -193,26 +201,39 @@ def _report_callback_class():
     from transformers import TrainerCallback
 
     class RayReport(TrainerCallback):
-        """Reports each logging step to Ray Train (with the checkpoint on save steps) and injects test crashes.
+        """Reports each step's logs, eval metrics and checkpoint to Ray Train as one report, and injects test crashes.
 
-        HF logs train metrics, then eval metrics, then saves, all at one step: they are merged into one report
-        per step so every rank calls ray.train.report the same number of times.
+        Every rank must call ray.train.report the same number of times. A step's reports are therefore not sent from
+        the log/eval/save hooks themselves (that would depend on the order HF calls them in) but collected and sent
+        once, when the next step begins or training ends; the end-of-training summary goes in a report of its own.
         """
 
         def __init__(self, run_dir: str, crash, rank: int):
             self.run_dir, self.crash, self.rank = run_dir, crash, rank
             self.pending: dict = {}
-            self.last_time, self.last_tokens = time.monotonic(), 0
+            self.step, self.max_steps, self.checkpoint_dir, self.saved = 0, 0, None, False
+            self.logged_at = self.last_time = time.time()
+            self.last_tokens = 0
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            self.pending.update({k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))})
-            waiting_for_eval = control.should_evaluate and "eval_loss" not in self.pending
-            if not waiting_for_eval and not control.should_save:
-                self._report(state, checkpoint_dir=None)
+            logs = logs or {}
+            if "train_runtime" in logs:  # the summary after the last step
+                self._flush()
+            if "loss" in logs:
+                self.logged_at = time.time()
+            self.step, self.max_steps = state.global_step, state.max_steps
+            self.pending.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
 
         def on_save(self, args, state, control, **kwargs):
-            checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            self._report(state, checkpoint_dir if state.is_world_process_zero else None)
+            self.step, self.max_steps, self.saved = state.global_step, state.max_steps, True
+            if state.is_world_process_zero:
+                self.checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._flush()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self._flush()
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step >= state.max_steps:  # the final step always evaluates and saves
@@ -227,21 +248,23 @@ def _report_callback_class():
                     time.sleep(1.0)
                     os._exit(17)
 
-        def _report(self, state, checkpoint_dir):
+        def _flush(self):
             import ray.train
             import torch
 
+            if not self.pending and not self.saved:
+                return
             metrics = {k: v for k, v in self.pending.items() if k != "total_flos"}
-            self.pending = {}
-            now, tokens = time.monotonic(), metrics.get("num_tokens", self.last_tokens)
+            tokens = metrics.get("num_tokens", self.last_tokens)
             if tokens > self.last_tokens:
-                metrics["tokens_per_s"] = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
-                self.last_time, self.last_tokens = now, tokens
-            # The worker's wall clock at the report: step times without the controller's collection delay.
-            metrics.update(step=state.global_step, max_steps=state.max_steps, timestamp=time.time())
+                metrics["tokens_per_s"] = (tokens - self.last_tokens) / max(self.logged_at - self.last_time, 1e-9)
+                self.last_time, self.last_tokens = self.logged_at, tokens
+            # The worker's wall clock when the step's loss was logged: step times without reporting delays.
+            metrics.update(step=self.step, max_steps=self.max_steps, timestamp=self.logged_at)
             if torch.cuda.is_available():  # the worker's peak so far: what a run needs on its GPU
                 metrics["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+            directory, self.pending, self.checkpoint_dir, self.saved = self.checkpoint_dir, {}, None, False
+            checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
             ray.train.report(metrics, checkpoint=checkpoint)
 
     return RayReport
@@ -319,9 +342,13 @@ def _write_shard_audit(run_dir: str, rank: int, rows: list[dict], trained_indice
     """<run>/shards/rank-N.json: the rows this rank was given, the rows it trained on, its final weights' digest."""
     folder = Path(run_dir) / SHARDS_DIR
     folder.mkdir(parents=True, exist_ok=True)
+    from ray_sft import modeling
+
     audit = {"assigned": [r["row"] for r in rows],
              "trained_per_epoch": [[rows[i]["row"] for i in epoch] for epoch in trained_indices if epoch],
-             "trainable_sha256": trainable_digest(model)}
+             "trainable_sha256": trainable_digest(model),
+             # (4-bit layers with bitsandbytes' CPU repack disabled, 4-bit layers): see modeling.disable_cpu_repack
+             "cpu_repack_disabled": modeling.cpu_repack_disabled(model)}
     (folder / f"rank-{rank}.json").write_text(json.dumps(audit))
 
 

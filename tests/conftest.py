@@ -19,6 +19,10 @@ BUNDLED_DATA = REPO / "jobs" / "data" / "dolly-ja-mini.jsonl"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Fake credentials planted for the whole session (Ray's workers inherit them): tests assert that no run file, log
+# or checkpoint ever contains them.
+PLANTED_SECRETS = {"HF_TOKEN": "hf_plantedSecret7Qx2Lm9Vb4Nc8Zd1", "WANDB_API_KEY": "planted0wandb0key0f3a9c1d7e5b"}
+os.environ.update(PLANTED_SECRETS)
 
 
 def quick_spec(tmp_path: Path, *overrides: str):

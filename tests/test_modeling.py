@@ -98,6 +98,9 @@ def _grads_before_and_after_eval(job, tiny_model_path, fix: bool):
     return before, after
 
 
+@pytest.mark.skipif(not bnb.functional.has_avx512bf16(),
+                    reason="bitsandbytes repacks 4-bit weights only on CPUs with AVX512-BF16: without one the "
+                           "gradients match with or without the fix, so this test could not fail here")
 def test_gradients_after_an_eval_pass_equal_gradients_before_it(job, tiny_model_path):
     before, after = _grads_before_and_after_eval(job, tiny_model_path, fix=True)
     assert before.keys() == after.keys() and before
