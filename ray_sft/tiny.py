@@ -38,13 +38,18 @@ def corpus(data_file: Path) -> list[str]:
     return texts
 
 
+def cache_path(data_file: Path) -> Path:
+    """Where the tiny model built on `data_file` is cached: one entry per data content and build recipe."""
+    key = hashlib.sha256(data_file.read_bytes() + json.dumps([VOCAB_SIZE, MODEL_SHAPE, BUILD_VERSION]).encode())
+    return cache_root() / f"tiny-llama-{key.hexdigest()[:12]}"
+
+
 def ensure_tiny_model(data_source: str) -> Path:
     """Path of the tiny model built on `data_source` (a local file), building it if it is not cached yet."""
     data_file = Path(data_source)
     if not data_file.is_file():
         raise FileNotFoundError(f"model.name_or_path: tiny needs data.source to be a local file, got {data_source!r}")
-    key = hashlib.sha256(data_file.read_bytes() + json.dumps([VOCAB_SIZE, MODEL_SHAPE, BUILD_VERSION]).encode())
-    target = cache_root() / f"tiny-llama-{key.hexdigest()[:12]}"
+    target = cache_path(data_file)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

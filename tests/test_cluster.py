@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -93,11 +94,7 @@ def test_rayservice_serves_the_rayjobs_spec_and_its_builder_exists():
     job = spec.load(REPO / app["args"]["spec"], app["args"]["overrides"])
     assert job.serve.host == "0.0.0.0" and job.serve.api_key_env  # public bind only with an API key
     module, attr = app["import_path"].split(":")
-    assert importlib.util.find_spec(module) is not None
-    import ray_sft.serve as serve_module
-
-    if not hasattr(serve_module, attr):
-        pytest.xfail(f"{app['import_path']} is not implemented yet (serve.py owner): RayService needs it")
+    assert callable(getattr(importlib.import_module(module), attr))
 
 
 def _gpu_groups(doc: dict) -> list[dict]:
@@ -126,10 +123,18 @@ def test_launcher_has_an_autoscaling_gpu_worker_type_and_installs_the_project():
     assert any("pip install" in c and "ray_sft" in c for c in config["setup_commands"])
 
 
-def test_local_cluster_starts_without_the_dashboard_when_its_packages_are_missing(monkeypatch, caplog):
-    from ray_sft import cluster
-
-    assert cluster.dashboard_available()  # the project's own install has ray[default]
-    monkeypatch.setitem(sys.modules, "ray.dashboard.optional_deps", None)  # what a slim `ray` install looks like
-    assert not cluster.dashboard_available()
-    assert "dashboard packages are missing" in caplog.text
+def test_local_cluster_starts_without_the_dashboard_when_its_packages_are_missing():
+    """A slim `ray` install (no ray[default]): a real private cluster starts without the dashboard and runs tasks."""
+    script = """
+import sys
+sys.modules["ray.dashboard.optional_deps"] = None  # what a slim `ray` install looks like
+import ray
+from ray_sft import cluster
+with cluster.connect(num_cpus=1):
+    print("webui", repr(ray._private.worker.global_worker.node.address_info.get("webui_url")))
+    print("task", ray.get(ray.remote(lambda: 6 * 7).remote()))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "task 42" in done.stdout and ("webui None" in done.stdout or "webui ''" in done.stdout)
+    assert "dashboard packages are missing" in done.stderr

@@ -111,27 +111,26 @@ def test_ensure_tiny_model_caches(tmp_path, monkeypatch, rows):
     assert (built / "model.safetensors").stat().st_mtime_ns == stamp  # not rebuilt
 
 
-def test_cache_key_follows_the_data(tmp_path, monkeypatch, rows):
-    """Different data -> a different cached model (checked without building: a finished entry is faked)."""
-    monkeypatch.setenv("RAY_SFT_CACHE", str(tmp_path))
-    paths = []
-    for i, subset in enumerate((rows[:5], rows[5:10])):
-        data = tmp_path / f"d{i}.jsonl"
-        data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in subset), encoding="utf-8")
-        paths.append(data)
-    import hashlib
+def test_cache_entry_follows_the_data_content_and_the_build_recipe(tmp_path, monkeypatch, rows):
+    """One cached model per data content and build recipe (checked without building: a finished entry is faked)."""
+    monkeypatch.setenv("RAY_SFT_CACHE", str(tmp_path / "cache"))
 
-    targets = []
-    for data in paths:
-        key = hashlib.sha256(data.read_bytes() + json.dumps([tiny.VOCAB_SIZE, tiny.MODEL_SHAPE,
-                                                             tiny.BUILD_VERSION]).encode())
-        target = tmp_path / f"tiny-llama-{key.hexdigest()[:12]}"
-        target.mkdir()
-        (target / "config.json").write_text("{}")
-        targets.append(target)
-    assert tiny.ensure_tiny_model(str(paths[0])) == targets[0]
-    assert tiny.ensure_tiny_model(str(paths[1])) == targets[1]
-    assert targets[0] != targets[1]
+    def data_file(name: str, subset) -> Path:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in subset), encoding="utf-8")
+        return path
+
+    first, copy, other = data_file("a.jsonl", rows[:5]), data_file("b.jsonl", rows[:5]), data_file("c.jsonl", rows[5:10])
+    assert tiny.cache_path(first) == tiny.cache_path(copy)  # the content decides, not the file's name
+    assert tiny.cache_path(first) != tiny.cache_path(other)
+    entry = tiny.cache_path(first)
+    monkeypatch.setattr(tiny, "BUILD_VERSION", f"{tiny.BUILD_VERSION}-next")
+    assert tiny.cache_path(first) != entry  # a new build recipe never reuses an old model
+    monkeypatch.undo()
+    monkeypatch.setenv("RAY_SFT_CACHE", str(tmp_path / "cache"))
+    entry.mkdir(parents=True)
+    (entry / "config.json").write_text("{}")
+    assert tiny.ensure_tiny_model(str(copy)) == entry
 
 
 @pytest.mark.parametrize("source", ["llm-jp/databricks-dolly-15k-ja", "no/such/file.jsonl"])
