@@ -445,26 +445,26 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         request = engine.Request(job.ids, job.settings, job.stops, job.model, on_delta,
-                                 lambda result: loop.call_soon_threadsafe(_settle, done, result))
+                                 lambda result: loop.call_soon_threadsafe(self._settle, done, result))
         self.engine.submit(request)
         return request, done
+
+    @staticmethod
+    def _settle(done: asyncio.Future, result: Completion | BaseException) -> None:
+        if done.done():  # the handler was cancelled
+            return
+        if isinstance(result, engine.UnknownAdapter):  # removed by a redeploy after the request was accepted
+            result = ApiError(404, f"model {result.args[0]!r} is no longer served", "model_not_found")
+        if isinstance(result, BaseException):
+            done.set_exception(result)
+        else:
+            done.set_result(result)
 
     def _log(self, kind: str, job: Job, completion: Completion, started: float, stream: bool) -> None:
         # Never the prompt or the completion text: only sizes and timing.
         log.info("%s model=%s prompt_tokens=%d completion_tokens=%d finish=%s stream=%s %.0fms", kind, job.model,
                  completion.prompt_tokens, completion.completion_tokens, completion.finish_reason,
                  stream, 1000 * (time.monotonic() - started))
-
-
-def _settle(done: asyncio.Future, result: Completion | BaseException) -> None:
-    if done.done():  # the handler was cancelled
-        return
-    if isinstance(result, engine.UnknownAdapter):  # removed by a redeploy after the request was accepted
-        result = ApiError(404, f"model {result.args[0]!r} is no longer served", "model_not_found")
-    if isinstance(result, BaseException):
-        done.set_exception(result)
-    else:
-        done.set_result(result)
 
 
 # ---------------------------------------------------------------------------------------------------------------
