@@ -267,7 +267,9 @@ class Engine:
     def _decode(self) -> None:
         logits = self.graph() if self.graph is not None else self._decode_logits()
         chosen = self._choose(logits, None)
-        self.positions += 1
+        # Free slots advance too: the clamp keeps their (unread) writes inside the cache. A live row never reaches
+        # the end (submit checks its length).
+        self.positions.add_(1).clamp_(max=self.length - 1)
         self._accept(None, chosen, [slot for slot, row in enumerate(self.rows) if row is not None])
 
     def _decode_logits(self) -> torch.Tensor:

@@ -169,3 +169,13 @@ def test_unknown_adapter_fails_only_its_request(base, tokenizer, spec, settings)
     while e.busy():
         e.step()
     assert isinstance(results[0], engine.UnknownAdapter) and results[1] == alone(base, tokenizer, spec, "猫", settings)
+
+
+def test_free_slots_run_for_longer_than_the_cache(base, tokenizer, spec, settings):
+    """A slot left free while another row decodes for many steps keeps decoding unread tokens inside its cache."""
+    e = engine.Engine(tokenizer, slots=2, length=64)
+    e.load(base, {None: 0})
+    for prompt in PROMPTS[:3]:  # one after another, so slot 1 idles through more steps than the cache holds
+        limited = dataclasses.replace(settings, max_new_tokens=64 - len(ids(tokenizer, prompt, spec)))
+        got = e.complete([engine.Request(ids(tokenizer, prompt, spec), limited)])
+        assert got == [alone(base, tokenizer, spec, prompt, limited)]
