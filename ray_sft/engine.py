@@ -143,7 +143,8 @@ class Engine:
         self.cache = SlotCache(config, self.slots, self.length, dtype, device)
         zeros = lambda dtype: torch.zeros(self.slots, dtype=dtype, device=device)  # noqa: E731
         self.tokens, self.positions, self.slot_adapter = zeros(torch.long), zeros(torch.long), zeros(torch.long)
-        self.penalty, self.temperature, self.top_p = zeros(torch.float), zeros(torch.float), zeros(torch.float)
+        # Slots never used still take part in sampling's arithmetic: neutral values keep their rows finite.
+        self.penalty, self.temperature, self.top_p = (zeros(torch.float) + 1 for _ in range(3))
         self.sampling = zeros(torch.bool)
         self.seen = torch.zeros(self.slots, config.vocab_size, dtype=torch.bool, device=device)
         self.key_index = torch.arange(self.length, device=device)

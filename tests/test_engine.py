@@ -179,3 +179,12 @@ def test_free_slots_run_for_longer_than_the_cache(base, tokenizer, spec, setting
         limited = dataclasses.replace(settings, max_new_tokens=64 - len(ids(tokenizer, prompt, spec)))
         got = e.complete([engine.Request(ids(tokenizer, prompt, spec), limited)])
         assert got == [alone(base, tokenizer, spec, prompt, limited)]
+
+
+def test_sampled_and_greedy_rows_share_a_batch(base, tokenizer, spec, settings):
+    sampled = dataclasses.replace(settings, do_sample=True, temperature=1.5, top_p=0.9)
+    e = new_engine(base, tokenizer, slots=4)  # two slots never used: their rows must not break sampling
+    greedy, drawn = e.complete([engine.Request(ids(tokenizer, PROMPTS[0], spec), settings),
+                                engine.Request(ids(tokenizer, PROMPTS[0], spec), sampled)])
+    assert greedy == alone(base, tokenizer, spec, PROMPTS[0], settings)
+    assert drawn.completion_tokens == NEW or drawn.finish_reason == "stop"
