@@ -13,7 +13,8 @@ from ray_sft import engine, generate, modeling, multi_lora
 from tests.adapters import random_adapter
 from tests.conftest import quick_spec
 
-PROMPTS = ["時間管理能力をあげるには?", "猫", "日本で一番高い山はどこですか? 理由も説明してください。", "水", "東京"]
+PROMPTS = ["時間管理能力をあげるには?", "猫", "日本で一番高い山はどこですか? 理由も説明してください。", "水",
+           "東京"]
 DENSE = ("quantization.load_in_4bit=false",)
 NEW = 24
 
