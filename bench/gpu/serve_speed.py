@@ -294,6 +294,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override in the bench run's spec, which generate and the server load the model with")
     args = parser.parse_args()
+    if args.tiny:  # the dry run checks the script end to end on 2 CPU cores, not speed
+        global TIMED, CONCURRENCY
+        TIMED, CONCURRENCY = 2, 4
 
     started = time.monotonic()
     deadline = started + args.deadline
