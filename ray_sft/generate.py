@@ -146,6 +146,11 @@ def static_cache_len(model, spec: JobSpec) -> int | None:
         wanted = model.device.type == "cuda"
     if not wanted or isinstance(model, PeftModel) or getattr(model, "is_quantized", False):
         return None
+    return longest_request(spec)
+
+
+def longest_request(spec: JobSpec) -> int:
+    """Prompt and new tokens of the longest request a server accepts: the KV cache length that never grows."""
     return spec.serve.max_prompt_tokens + max(spec.serve.max_tokens_limit, spec.generation.max_new_tokens)
 
 

@@ -10,7 +10,6 @@ Imports neither `train` nor `tune`: adapters are loaded from the files train wro
 import asyncio
 import contextlib
 import copy
-import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -20,9 +19,7 @@ import re
 import threading
 import time
 import uuid
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -31,7 +28,7 @@ import ray
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from ray_sft import generate, modeling, openai_api
+from ray_sft import engine, generate, modeling, multi_lora, openai_api
 from ray_sft.generate import Completion
 from ray_sft.openai_api import ApiError
 from ray_sft.spec import GenerationSpec, JobSpec, from_dict, to_dict, with_values
@@ -73,11 +70,13 @@ def resolve(spec: JobSpec, adapters: int, cluster: dict[str, float]) -> JobSpec:
     resources (ray.cluster_resources()), so a replica only ever sees a GPU count and a merge flag."""
     s = spec.serve
     gpus = (1 if cluster.get("GPU", 0) > 0 else 0) if s.gpus_per_replica == "auto" else s.gpus_per_replica
-    # One adapter on a GPU merges: the dense model decodes with the static cache and CUDA graphs (the fast path).
-    # Several adapters are switched per batch, which needs them unmerged; on CPU nothing is compiled and the 4-bit
-    # base keeps the replica small.
+    # One adapter on a GPU merges: the dense model needs no per-row LoRA at all (the fast path). Several adapters
+    # stay unmerged, each row on its own; on CPU nothing is graphed and the 4-bit base keeps the replica small.
     merge = (adapters == 1 and gpus > 0) if s.merge == "auto" else s.merge
-    return with_values(spec, {"serve.gpus_per_replica": gpus, "serve.merge": merge})
+    # Per-row LoRA on a dense base is what makes several adapters fast on a GPU; on CPU the 4-bit base keeps the
+    # replica small.
+    dense = gpus > 0 if s.dequantize_base == "auto" else s.dequantize_base
+    return with_values(spec, {"serve.gpus_per_replica": gpus, "serve.merge": merge, "serve.dequantize_base": dense})
 
 
 def replica_spec(spec: JobSpec, adapters: dict[str, str]) -> JobSpec:
@@ -245,72 +244,15 @@ class AdapterRegistry:
 # Replica side
 
 
-def batch_sizes(max_batch_size: int) -> list[int]:
-    """The batch sizes a static-cache replica runs: powers of two, and the largest batch (one compiled graph each)."""
-    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
-    return sizes + [max_batch_size]
-
-
-def batch_rows(requests: int, max_batch_size: int) -> int:
-    """The rows a batch of `requests` is padded to: the smallest of `batch_sizes` that holds them."""
-    return next(size for size in batch_sizes(max_batch_size) if size >= requests)
-
-
 @dataclass
 class Job:
-    """One request on its way through a batch."""
+    """One accepted request, before the engine takes it."""
 
     model: str
     prompt: str
-    prompt_tokens: int
+    ids: list[int]
     settings: GenerationSpec
     stops: list[str]
-    stream: asyncio.Queue | None = None  # text deltas for a streaming request; None ends the stream
-    loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
-
-
-class RowStreamer:
-    """Receives each generation step's tokens for a whole batch and sends streaming rows their new text.
-
-    Text is held back while it could still be cut by a stop string or ends in a partial UTF-8 character, so the
-    streamed deltas always join to a prefix of the final text.
-    """
-
-    def __init__(self, tokenizer, jobs: list[Job]):
-        self.tokenizer, self.jobs = tokenizer, jobs
-        self.ids: list[list[int]] = [[] for _ in jobs]
-        self.sent = ["" for _ in jobs]
-        self.prompt_seen = False
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # generate() first passes the prompt ids
-            self.prompt_seen = True
-            return
-        # A padded batch (see batch_rows) has rows beyond the jobs: those are not streamed.
-        for row, token in enumerate(value.reshape(value.shape[0], -1)[: len(self.jobs), -1].tolist()):
-            job, ids = self.jobs[row], self.ids[row]
-            if job.stream is None or len(ids) >= job.settings.max_new_tokens or self.tokenizer.eos_token_id in ids:
-                continue
-            ids.append(token)
-            self._send(row, self._safe_text(row))
-
-    def end(self) -> None:
-        """The final text and its end are sent by the request handler once the batch returns."""
-
-    def _safe_text(self, row: int) -> str:
-        text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
-        stops = self.jobs[row].stops
-        cut = generate.first_stop(text, stops)
-        if cut is not None:
-            return text[:cut]
-        hold = max((len(s) - 1 for s in stops), default=0)
-        return text[: len(text) - hold].rstrip("\ufffd")
-
-    def _send(self, row: int, text: str) -> None:
-        if len(text) > len(self.sent[row]) and text.startswith(self.sent[row]):
-            delta, self.sent[row] = text[len(self.sent[row]):], text
-            job = self.jobs[row]
-            job.loop.call_soon_threadsafe(job.stream.put_nowait, delta)
 
 
 api = FastAPI(title="ray_sft")
@@ -337,24 +279,31 @@ class ModelServer:
         self.base, self.key_hash = base, key_hash
         torch.set_num_threads(max(1, int(self.spec.serve.cpus_per_replica)))
         self.device = "cuda" if self.spec.serve.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
-        # A merged replica builds its model from a fresh base when its adapter arrives (see _apply_adapters).
         self.tokenizer = modeling.load_tokenizer(base, self.spec.model)
-        self.model = None if self.spec.serve.merge else modeling.load_model(base, self.spec, self.device, False)
-        self.cache_len: int | None = None  # a merged model's static KV cache length (set with the model)
         # Requests are measured with a second tokenizer: a fast tokenizer used from two threads at once can fail
-        # with "Already borrowed" while the generation thread pads a batch.
+        # with "Already borrowed" while the engine's thread decodes.
         self.counter = copy.deepcopy(self.tokenizer)
+        # A merged replica builds its model from a fresh base when its adapter arrives (see _apply_adapters).
+        self.model = None if self.spec.serve.merge else self._base_model()
+        self.route: multi_lora.Route | None = None
         self.adapters: dict[str, str] = {}  # served name -> internal peft adapter name
         self.stamps: dict[str, dict] = {}
         self.version = 0
-        # Every model operation runs on this one thread: an adapter load never overlaps a forward pass.
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.batched.set_max_batch_size(self.spec.serve.max_batch_size)
-        self.batched.set_batch_wait_timeout_s(self.spec.serve.batch_wait_timeout_s)
+        # Every model operation runs on the engine's one thread, between decode steps: an adapter load never
+        # overlaps a forward pass.
+        self.engine = engine.Engine(self.tokenizer, self.spec.serve.max_batch_size,
+                                    generate.longest_request(self.spec))
+        threading.Thread(target=self.engine.serve_forever, daemon=True, name="model").start()
         self.registry = ray.get_actor(registry, namespace=REGISTRY_NAMESPACE)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._sync()  # the first adapters load before Serve marks the replica ready
         threading.Thread(target=self._watch, daemon=True, name="adapter-watch").start()
+
+    def _base_model(self):
+        model = modeling.load_model(self.base, self.spec, self.device, False)
+        if self.spec.serve.dequantize_base and getattr(model, "is_quantized", False):
+            model.dequantize()  # once, so every step runs dense matmuls (and the decode step can be graphed)
+        return model
 
     # -- adapters (hot swap) -------------------------------------------------------------------------------------
 
@@ -369,23 +318,32 @@ class ModelServer:
     def _sync(self) -> None:
         version, entries = ray.get(self.registry.snapshot.remote())
         if version != self.version:
-            self.pool.submit(self._apply_adapters, entries).result()
+            self.engine.call(lambda: self._apply_adapters(entries)).result()
             self.version = version
         self.registry.ack.remote(self.replica_id, version)
 
     def _apply_adapters(self, wanted: dict[str, dict]) -> None:
-        """Load new or changed adapters under fresh internal names, switch the served names over, then drop the
-        replaced weights. Runs on the model thread, between batches."""
+        """Load new or changed adapters under fresh internal names, switch the served names over, drop the replaced
+        weights, and hand the engine the new adapter stacks. Runs on the engine's thread, between steps."""
         changed = {n: e for n, e in wanted.items() if self.stamps.get(n) != e}
         if self.spec.serve.merge:
             if changed:
                 (name, entry), = wanted.items()
                 base_model = generate.load_base(self.base, self.spec, self.device)[1]
-                self.model = generate.merged(base_model, entry["path"])
-                self.cache_len = generate.static_cache_len(self.model, self.spec)
-                self._warm_up()
+                self.engine.load(generate.merged(base_model, entry["path"]), {name: 0})
                 self.adapters, self.stamps = {name: "default"}, dict(wanted)
             return
+        if self.route is not None:
+            multi_lora.detach(self.route)  # PEFT loads and deletes adapters on its own layers
+        try:
+            self._load_changed(wanted, changed)
+        finally:  # even after a bad folder, the engine serves what is loaded
+            model, self.route = multi_lora.attach(self.model, list(self.adapters.values()),
+                                                  modeling.compute_dtype(self.spec.quantization))
+            routes = {name: index for index, name in enumerate(self.adapters, start=1)}
+            self.engine.load(model, {base_name(self.base): 0, **routes}, self.route)
+
+    def _load_changed(self, wanted: dict[str, dict], changed: dict[str, dict]) -> None:
         replaced = [self.adapters[n] for n in self.adapters if n not in wanted or n in changed]
         for name, entry in changed.items():
             internal = f"a{uuid.uuid4().hex[:12]}"
@@ -397,32 +355,8 @@ class ModelServer:
         for internal in replaced:
             self.model.delete_adapter(internal)
 
-    def _warm_up(self) -> None:
-        """Decode once at every batch size a static-cache model will see, before the model serves: on CUDA each
-        size compiles (tens of seconds), which no request should wait for."""
-        if self.cache_len is None:
-            return
-        started, settings = time.monotonic(), dataclasses.replace(self.spec.generation, max_new_tokens=2)
-        for rows in batch_sizes(self.spec.serve.max_batch_size):
-            generate.complete(self.model, self.tokenizer, ["warm-up"], settings, rows=rows, cache_len=self.cache_len)
-        log.info("static-cache decoder warmed up in %.1fs (cache length %d)", time.monotonic() - started,
-                 self.cache_len)
-
     def served_models(self) -> list[str]:
         return list(self.adapters) + ([] if self.spec.serve.merge else [base_name(self.base)])
-
-    @contextlib.contextmanager
-    def _selected(self, model: str):
-        if model in self.adapters and self.spec.serve.merge:
-            yield
-        elif model in self.adapters:
-            self.model.set_adapter(self.adapters[model])
-            yield
-        elif model == base_name(self.base) and not self.spec.serve.merge:
-            with self.model.disable_adapter():
-                yield
-        else:  # removed by a redeploy after the request was accepted
-            raise ApiError(404, f"model {model!r} is no longer served", "model_not_found")
 
     # -- routes --------------------------------------------------------------------------------------------------
 
@@ -462,82 +396,75 @@ class ModelServer:
             raise ApiError(404, f"model {body.model!r} does not exist; GET /v1/models lists the served models",
                            "model_not_found")
         settings = openai_api.settings_for(body, self.spec.generation, self.spec.serve.max_tokens_limit)
-        count = len(self.counter(prompt, add_special_tokens=False)["input_ids"])
-        if count > self.spec.serve.max_prompt_tokens:
-            raise ApiError(400, f"prompt is {count} tokens; this server accepts at most "
+        ids = self.counter(prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ApiError(400, "prompt is empty", "invalid_request")
+        if len(ids) > self.spec.serve.max_prompt_tokens:
+            raise ApiError(400, f"prompt is {len(ids)} tokens; this server accepts at most "
                                 f"{self.spec.serve.max_prompt_tokens}", "context_length_exceeded")
-        return Job(body.model, prompt, count, settings, openai_api.stops(body))
+        return Job(body.model, prompt, ids, settings, openai_api.stops(body))
 
     async def _answer(self, kind: str, body, prompt: str):
         job, rid, started = self._job(body, prompt), openai_api.new_id(kind), time.monotonic()
         if body.stream:
             return StreamingResponse(self._stream(kind, rid, job, started), media_type="text/event-stream")
-        completion = await self.batched(job)
-        if isinstance(completion, ApiError):
-            raise completion
-        self._log(kind, job, completion, started)
+        request, done = self._submit(job)
+        try:
+            completion = await done
+        finally:  # a client that went away frees its slot
+            request.cancel()
+        self._log(kind, job, completion, started, False)
         return openai_api.response_body(kind, rid, job.model, completion)
 
     async def _stream(self, kind: str, rid: str, job: Job, started: float):
-        job.stream, job.loop = asyncio.Queue(), asyncio.get_running_loop()
-        task = asyncio.ensure_future(self.batched(job))
-        # Deltas are queued from the generation thread before the batch returns, so None comes last.
-        task.add_done_callback(lambda _: job.stream.put_nowait(None))
-        sent = ""
-        while (delta := await job.stream.get()) is not None:
-            sent += delta
-            yield openai_api.chunk_event(kind, rid, job.model, delta)
-        completion = task.result() if task.exception() is None else task.exception()
-        if isinstance(completion, BaseException):
-            log.error("stream %s failed: %r", rid, completion)
-            error = completion if isinstance(completion, ApiError) else ApiError(500, "generation failed", None,
-                                                                                 "server_error")
-            yield openai_api.error_event(error)
-        else:
-            rest = completion.text[len(sent):]
-            yield openai_api.chunk_event(kind, rid, job.model, rest, completion.finish_reason, completion)
-            self._log(kind, job, completion, started)
-        yield openai_api.DONE_EVENT
+        loop, deltas = asyncio.get_running_loop(), asyncio.Queue()
+        request, done = self._submit(job, lambda delta: loop.call_soon_threadsafe(deltas.put_nowait, delta))
+        # The engine queues every delta before it settles `done`, so None comes last.
+        done.add_done_callback(lambda _: deltas.put_nowait(None))
+        try:
+            sent = ""
+            while (delta := await deltas.get()) is not None:
+                sent += delta
+                yield openai_api.chunk_event(kind, rid, job.model, delta)
+            if done.exception() is not None:
+                log.error("stream %s failed: %r", rid, done.exception())
+                error = done.exception()
+                yield openai_api.error_event(error if isinstance(error, ApiError)
+                                             else ApiError(500, "generation failed", None, "server_error"))
+            else:
+                completion = done.result()
+                rest = completion.text[len(sent):]
+                yield openai_api.chunk_event(kind, rid, job.model, rest, completion.finish_reason, completion)
+                self._log(kind, job, completion, started, True)
+            yield openai_api.DONE_EVENT
+        finally:
+            request.cancel()
 
-    def _log(self, kind: str, job: Job, completion: Completion, started: float) -> None:
+    def _submit(self, job: Job, on_delta=None) -> tuple[engine.Request, asyncio.Future]:
+        """Hand the job to the engine; the future settles on this event loop with its Completion."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        request = engine.Request(job.ids, job.settings, job.stops, job.model, on_delta,
+                                 lambda result: loop.call_soon_threadsafe(self._settle, done, result))
+        self.engine.submit(request)
+        return request, done
+
+    @staticmethod
+    def _settle(done: asyncio.Future, result: Completion | BaseException) -> None:
+        if done.done():  # the handler was cancelled
+            return
+        if isinstance(result, engine.UnknownAdapter):  # removed by a redeploy after the request was accepted
+            result = ApiError(404, f"model {result.args[0]!r} is no longer served", "model_not_found")
+        if isinstance(result, BaseException):
+            done.set_exception(result)
+        else:
+            done.set_result(result)
+
+    def _log(self, kind: str, job: Job, completion: Completion, started: float, stream: bool) -> None:
         # Never the prompt or the completion text: only sizes and timing.
         log.info("%s model=%s prompt_tokens=%d completion_tokens=%d finish=%s stream=%s %.0fms", kind, job.model,
                  completion.prompt_tokens, completion.completion_tokens, completion.finish_reason,
-                 job.stream is not None, 1000 * (time.monotonic() - started))
-
-    # -- batching ------------------------------------------------------------------------------------------------
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def batched(self, jobs: list[Job]) -> list[Completion | ApiError]:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self._run_batch, jobs)
-
-    def _run_batch(self, jobs: list[Job]) -> list[Completion | ApiError]:
-        """Requests that share an adapter and sampling settings run as one generate() call.
-
-        A group's request error is returned as its result, not raised: raising would fail the whole batch.
-        """
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for index, job in enumerate(jobs):
-            s = job.settings
-            groups[(job.model, s.do_sample, s.temperature, s.top_p, s.repetition_penalty)].append(index)
-        results: list[Completion | ApiError | None] = [None] * len(jobs)
-        for (model, *_), indices in groups.items():
-            members = [jobs[i] for i in indices]
-            settings = dataclasses.replace(members[0].settings,
-                                           max_new_tokens=max(j.settings.max_new_tokens for j in members))
-            streamer = RowStreamer(self.tokenizer, members) if any(j.stream for j in members) else None
-            try:
-                with self._selected(model):
-                    done = generate.complete(self.model, self.tokenizer, [j.prompt for j in members], settings,
-                                             stops=[j.stops for j in members],
-                                             limits=[j.settings.max_new_tokens for j in members], streamer=streamer,
-                                             rows=batch_rows(len(members), self.spec.serve.max_batch_size)
-                                             if self.cache_len else None, cache_len=self.cache_len)
-            except ApiError as error:
-                done = [error] * len(members)
-            for index, completion in zip(indices, done):
-                results[index] = completion
-        return results
+                 stream, 1000 * (time.monotonic() - started))
 
 
 # ---------------------------------------------------------------------------------------------------------------

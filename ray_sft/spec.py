@@ -204,18 +204,21 @@ class ServeSpec:
     port: int = field(default=8000, metadata=_check(lambda v: 0 < v < 65536, "must be a TCP port"))
     # Name of the environment variable holding the API key; required when host is not loopback.
     api_key_env: Optional[str] = None
-    # Fold the adapter into a dense base (the static-cache decoder: on CUDA, the fast path; see README, "Fast
-    # serving"). "auto": merged for a single adapter on a GPU replica; several adapters (switched per batch) and
-    # CPU replicas keep the 4-bit base with adapters on top. Resolved at deploy time (serve.resolve).
+    # Fold the adapter into a dense base (no per-row LoRA work at all: the fast path; see README, "Fast serving").
+    # "auto": merged for a single adapter on a GPU replica; several adapters and CPU replicas keep the adapters
+    # unmerged, each row of a batch on its own. Resolved at deploy time (serve.resolve).
     merge: Union[bool, Literal["auto"]] = "auto"
+    # Unmerged adapters: dequantize a 4-bit base once at load (dense matmuls, a CUDA-graphed decode step; the
+    # base's memory at compute dtype) or keep it 4-bit (memory-bound cases). "auto": dense on a GPU replica.
+    dequantize_base: Union[bool, Literal["auto"]] = "auto"
     autoscaling: AutoscalingSpec = field(default_factory=AutoscalingSpec)
     cpus_per_replica: float = field(default=1, metadata=POSITIVE)
     # "auto": 1 when the Ray cluster has a GPU at deploy time, else 0 (CPU). A cluster that adds GPU nodes only on
     # demand has none before the first job: give a number there.
     gpus_per_replica: Union[float, Literal["auto"]] = field(
         default="auto", metadata=_check(lambda v: v == "auto" or v >= 0, "must be >= 0 or auto"))
+    # The engine's slots: requests decoded together; each holds a KV cache of max_prompt_tokens + max_tokens_limit.
     max_batch_size: int = field(default=8, metadata=POSITIVE)
-    batch_wait_timeout_s: float = field(default=0.02, metadata=NON_NEGATIVE)
     max_prompt_tokens: int = field(default=1024, metadata=POSITIVE)
     max_tokens_limit: int = field(default=512, metadata=POSITIVE)
     max_adapters_per_replica: int = field(default=4, metadata=POSITIVE)

@@ -191,12 +191,6 @@ def test_32_concurrent_requests_batch_and_match_one_by_one(client):
     assert [r["choices"][0]["text"] for r in results] == [alone[job] for job in jobs]
 
 
-def test_static_cache_batches_are_padded_to_few_sizes():
-    assert rs.batch_sizes(1) == [1] and rs.batch_sizes(32) == [1, 2, 4, 8, 16, 32]
-    assert rs.batch_sizes(12) == [1, 2, 4, 8, 12]
-    assert [rs.batch_rows(n, 12) for n in (1, 2, 3, 5, 8, 9, 12)] == [1, 2, 4, 8, 8, 12, 12]
-
-
 def test_public_host_requires_an_api_key(setup, monkeypatch):
     spec = setup["spec"]
     monkeypatch.setattr(spec.serve, "api_key_env", None)
@@ -227,7 +221,6 @@ def test_api_key_and_merged_model(client, setup, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "s3cret")
     spec = generate.run_spec(setup["trained"])
     spec.serve.cpus_per_replica, spec.serve.merge, spec.serve.api_key_env = 0.5, True, KEY_ENV
-    spec.generation.static_cache = True  # what "auto" picks on a GPU: static cache, padded batches, warm-up
     rs.deploy(spec, setup["base"], {"trained": str(setup["trained"])}, rs.api_key(spec, "127.0.0.1"),
               name="secure", route_prefix="/secure")
     try:
@@ -241,8 +234,7 @@ def test_api_key_and_merged_model(client, setup, monkeypatch):
         assert [m["id"] for m in models] == ["trained"]  # a merged replica has no bare base to offer
         merged = complete(client, prefix="/secure", headers=good)["choices"][0]["text"]
         assert merged == complete(client)["choices"][0]["text"]
-        # The merged replica decodes with a static cache in batches padded to 1, 2, 4 or 8 rows: concurrent
-        # requests, one of them streamed, get the text each gets alone.
+        # Concurrent requests on the merged replica's engine, some of them streamed, get the text each gets alone.
         prompts = ["猫", "水", PROMPT]
         alone = [complete(client, prefix="/secure", headers=good, prompt=p)["choices"][0]["text"] for p in prompts]
 

@@ -1,25 +1,29 @@
-"""Serving speed on llm-jp-3-1.8b's shape: the recipe's generate loop vs `ray-sft serve` at concurrency 1, 8, 32.
+"""Serving speed on llm-jp-3-1.8b's shape: the recipe's generate loop vs `ray-sft serve` (the decode engine).
 
-One command on the GPU machine runs everything side by side (same model, adapter, prompts, decoding) and prints a
-table last; JSON and a log go to --out:
+One command on the GPU machine runs everything in one call (same model, adapters, prompts, decoding), writes
+results.json (medians, with min-max under "spread"), serve_speed.json (every repeat) and a log to --out, and prints a
+table last:
 
-    python bench/gpu/serve_speed.py --out $OUT                       # on the H200
+    python bench/gpu/serve_speed.py --out $OUT                       # on the H200, about 500 s
     python bench/gpu/serve_speed.py --out /tmp/o --tiny --device cpu  # CPU dry run of the whole script
-    python bench/gpu/serve_speed.py --out $OUT --merged-only --set quantization.compute_dtype=float32  # text check
 
 (a) the loop: `ray_sft.generate` as `ray-sft generate` runs it (4-bit NF4 base + PeftModel, greedy, repetition
-    penalty 1.2, 100 new tokens), one request at a time;
-(a') `ray-sft generate --merge` on the same adapter, one request at a time: the merged model, which decodes with a
-    static KV cache (compiled into CUDA graphs on the GPU); the reference text for the merged server;
-(b) the Serve app (`ray_sft.serve.deploy` on a local cluster from `ray_sft.cluster.connect`, one replica with one
-    GPU, max_batch_size 32), chat requests from 1, 8, 32 closed-loop clients, with serve.merge=true (static cache,
-    batches padded to 1, 2, 4, ..., 32 rows, each size compiled while the replica starts), then in 4-bit.
+    penalty 1.2, 100 new tokens), one request at a time, measured once (it is ~70x slower than what it is
+    compared with, and repeating it would not fit the deadline);
+then each level below repeated --repeats times, interleaved, each timing >= 10 requests after a warm-up:
+(b) plain batch of 32: the merged model in this process, 32 requests through `ray_sft.engine`, no HTTP, no Ray;
+(c) `ray-sft serve`, merged single adapter, real HTTP on 127.0.0.1: concurrency 1 (p50) and 32 (tokens/s);
+(d) a request arriving mid-batch: one client's sequential requests while 31 others keep the merged replica busy;
+(e) `ray-sft serve` with 4 adapters on one replica (unmerged, per-row LoRA on the dequantized base), concurrency
+    32, requests spread evenly over the adapters.
+Both apps run at once on the one GPU (half a GPU each).
 
-Random-init model and adapter (no weights can be downloaded there; speed does not depend on the values). The EOS
+Random-init model and adapters (no weights can be downloaded there; speed does not depend on the values). The EOS
 row of lm_head is zeroed: its logit is then always 0 while the greedy winner's is about +4 (random logits have a
-standard deviation near 0.9), so every answer is exactly 100 tokens on both sides without changing the decoding
-settings. The adapter's LoRA B matrices are random too (PEFT starts them at zero), so merging changes the weights.
+standard deviation near 0.9), so every answer is exactly 100 tokens without changing the decoding settings. The
+adapters' LoRA B matrices are random too (PEFT starts them at zero), so merging changes the weights.
 """
+
 
 from __future__ import annotations
 
@@ -29,8 +33,10 @@ import json
 import math
 import random
 import socket
+import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -41,9 +47,11 @@ from train_speed import REPO, SHAPE, TINY_SHAPE, VOCAB, environment  # noqa: E40
 RECIPE_SPEC = REPO / "jobs" / "llm-jp-3-1.8b-dolly-ja.yaml"
 NEW_TOKENS = 100
 PROMPTS = 64
-ADAPTER_NAME = "bench"
 EOS_ID = 2
 LOOP_REQUESTS = 3
+ADAPTERS = 4
+TIMED = 10  # requests per timing at least
+CONCURRENCY = 32
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -80,16 +88,18 @@ def setup(work: Path, tiny: bool, device: str, overrides: tuple[str, ...] = ()) 
     job = spec.load(RECIPE_SPEC, [f"model.name_or_path={work / 'model'}", f"output.dir={work / 'runs'}",
                                   "output.name=bench", *overrides])
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all but lm_head
-    peft_model = get_peft_model(model, modeling.lora_config(job.lora, targets))
-    peft_model.peft_config["default"].base_model_name_or_path = str(work / "model")  # where serve loads the base
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.02)
-    run_dir = work / "runs" / "bench"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(run_dir / "adapter")
-    run_files.write_spec(run_dir, job)
+    for index in range(ADAPTERS):
+        peft_model = get_peft_model(model, modeling.lora_config(job.lora, targets))
+        peft_model.peft_config["default"].base_model_name_or_path = str(work / "model")  # where serve loads it
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.02)
+        run_dir = work / "runs" / f"bench{index}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        peft_model.save_pretrained(run_dir / "adapter")
+        run_files.write_spec(run_dir, job)
+        model = peft_model.unload()  # the bare base again, for the next adapter
 
     # Instructions of dolly-like length (lognormal, median about 25 words), one synthetic word per token.
     rng = random.Random(0)
@@ -114,65 +124,6 @@ def row(tokens: int, wall: float, latencies: list[float], counts: list[int]) -> 
             "answers_not_100_tokens": sum(c != NEW_TOKENS for c in counts)}
 
 
-def gpu_peak_gib(device: str) -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-
-
-def bench_generate(adapter: Path, prompts: list[str], device: str, merge: bool) -> tuple[dict, list[str]]:
-    """`ray-sft generate`'s code path, one request at a time: (a) the recipe's inference cell (4-bit + adapter), or
-    (a') with `merge` the merged model, which decodes with a static cache (compiled on the GPU)."""
-    import gc
-
-    import torch
-
-    from ray_sft import generate
-
-    started = time.perf_counter()
-    loaded = generate.load(adapter, merge=merge, device=device)
-    generate.generate(loaded, prompts[-1])  # warm-up (CUDA kernels, allocator, the compile): not timed
-    ready = time.perf_counter() - started
-    latencies, counts, texts, started = [], [], [], time.perf_counter()
-    for prompt in prompts[:LOOP_REQUESTS]:
-        t = time.perf_counter()
-        done = generate.generate(loaded, prompt)
-        latencies.append(time.perf_counter() - t)
-        counts.append(done.completion_tokens)
-        texts.append(done.text)
-    result = {**row(sum(counts), time.perf_counter() - started, latencies, counts), "load_and_warm_up_s": ready,
-              "peak_gib": gpu_peak_gib(device),
-              "static_cache_len": generate.static_cache_len(loaded.model, loaded.spec)}
-    del loaded
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()  # the next phase needs the GPU
-        torch.cuda.reset_peak_memory_stats()
-    return result, texts
-
-
-def bench_server(url: str, prompts: list[str], concurrency: int, requests: int) -> tuple[dict, dict[int, str]]:
-    """`requests` chat requests from `concurrency` closed-loop clients; texts by prompt index."""
-    import httpx
-
-    def one(i: int) -> tuple[int, float, int, str]:
-        t = time.perf_counter()
-        r = client.post("/v1/chat/completions", json={
-            "model": ADAPTER_NAME, "max_tokens": NEW_TOKENS,
-            "messages": [{"role": "user", "content": prompts[i % len(prompts)]}]})
-        r.raise_for_status()
-        body = r.json()
-        return i, time.perf_counter() - t, body["usage"]["completion_tokens"], body["choices"][0]["message"]["content"]
-
-    with httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
-        started = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-            done = list(pool.map(one, range(requests)))
-        wall = time.perf_counter() - started
-    counts = [n for _, _, n, _ in done]
-    return row(sum(counts), wall, [t for _, t, _, _ in done], counts), {i: text for i, _, _, text in done}
-
-
 def gpu_used_gib() -> float | None:
     """Whole-GPU memory in use (the replica is another process): nvidia-smi, if there is one."""
     try:
@@ -183,60 +134,152 @@ def gpu_used_gib() -> float | None:
         return None
 
 
-def serve_phase(url: str, adapter: Path, prompts: list[str], device: str, merge: bool, levels: dict[int, int],
-                deadline: float, reference: list[str], log) -> dict:
-    """Deploy the app (4-bit or merged), then each concurrency level; stop the app."""
-    from ray_sft import generate, serve
+def free_gpu(device: str) -> None:
+    import gc
 
-    job = generate.run_spec(adapter)
-    job.serve.merge = merge
-    job.serve.max_batch_size = max(levels)
-    job.serve.gpus_per_replica = 1 if device == "cuda" else 0
-    job.serve.cpus_per_replica = 4 if device == "cuda" else 1
-    started = time.perf_counter()
-    serve.deploy(job, generate.base_of(adapter), {ADAPTER_NAME: str(adapter)})
-    result = {"deploy_s": time.perf_counter() - started, "levels": {}}
-    bench_server(url, prompts[-1:], 1, 1)  # warm-up, not timed
-    for concurrency, requests in levels.items():
-        if time.monotonic() > deadline:
-            log(f"deadline: skipped concurrency {concurrency}")
-            break
-        measured, texts = bench_server(url, prompts, concurrency, requests)
-        measured["same_text"] = [texts.get(i) == reference[i] for i in range(len(reference)) if i in texts]
-        result["levels"][str(concurrency)] = measured
-        log(f"merge={merge} c{concurrency}: {measured}")
-    result["gpu_used_gib"] = gpu_used_gib()
-    serve.stop()
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the servers need the GPU
+
+
+def bench_loop(adapter: Path, prompts: list[str], device: str) -> dict:
+    """(a) `ray-sft generate`'s code path, one request at a time: the recipe's inference cell."""
+    from ray_sft import generate
+
+    loaded = generate.load(adapter, device=device)
+    generate.generate(loaded, prompts[-1])  # warm-up, not timed
+    latencies, counts, started = [], [], time.perf_counter()
+    for prompt in prompts[:LOOP_REQUESTS]:
+        t = time.perf_counter()
+        counts.append(generate.generate(loaded, prompt).completion_tokens)
+        latencies.append(time.perf_counter() - t)
+    result = row(sum(counts), time.perf_counter() - started, latencies, counts)
+    del loaded
+    free_gpu(device)
     return result
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Report
+class PlainBatch:
+    """(b) the merged model in this process, a batch of 32 through the engine: no HTTP, no Ray."""
+
+    def __init__(self, adapter: Path, device: str):
+        from ray_sft import engine, generate
+
+        loaded = generate.load(adapter, merge=True, device=device)
+        self.tokenizer, self.settings = loaded.tokenizer, loaded.spec.generation
+        self.engine = engine.Engine(loaded.tokenizer, CONCURRENCY, generate.longest_request(loaded.spec))
+        self.engine.load(loaded.model, {None: 0})  # on CUDA: the decode step's graph is captured here
+
+    def __call__(self, prompts: list[str]) -> dict:
+        from ray_sft import engine
+
+        requests = [engine.Request(self.tokenizer(p, add_special_tokens=False)["input_ids"], self.settings)
+                    for p in prompts[:CONCURRENCY]]
+        started = time.perf_counter()
+        done = self.engine.complete(requests)
+        wall = time.perf_counter() - started
+        counts = [c.completion_tokens for c in done]
+        return row(sum(counts), wall, [wall] * len(done), counts)
 
 
-def table(report: dict) -> str:
-    loop = report.get("loop", {})
-    base = loop.get("tokens_per_s")
-    lines = ["| setup | requests | tokens/s | p50 s | p95 s | vs loop | same text as reference |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+def bench_server(url: str, prompts: list[str], models: list[str], concurrency: int, requests: int) -> dict:
+    """`requests` chat requests from `concurrency` closed-loop clients, request i on models[i % len(models)]."""
+    import httpx
 
-    def add(name: str, r: dict) -> None:
-        ratio = f"{r['tokens_per_s'] / base:.1f}x" if base else "-"
-        same = r.get("same_text")
-        same = "-" if same is None else f"{sum(same)}/{len(same)}"
-        lines.append(f"| {name} | {r['requests']} | {r['tokens_per_s']:,.1f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} "
-                     f"| {ratio} | {same} |")
+    def one(i: int) -> tuple[float, int]:
+        t = time.perf_counter()
+        r = client.post("/v1/chat/completions", json={
+            "model": models[i % len(models)], "max_tokens": NEW_TOKENS,
+            "messages": [{"role": "user", "content": prompts[i % len(prompts)]}]})
+        r.raise_for_status()
+        return time.perf_counter() - t, r.json()["usage"]["completion_tokens"]
 
-    if loop:
-        add("(a) recipe loop: 4-bit + PeftModel, 1 at a time", loop)
-    # generation.static_cache "auto" is on CUDA only: the CPU dry run decodes the merged model eagerly.
-    cache = "static cache" if report.get("generate_merged", {}).get("static_cache_len") else "dynamic cache"
-    if report.get("generate_merged"):
-        add(f"(a') ray-sft generate --merge ({cache}), 1 at a time", report["generate_merged"])
-    merged = f"merged ({', '.join(report['overrides'])})" if report.get("overrides") else "merged bf16"
-    for mode, label in (("serve_merged", f"{merged}, {cache}"), ("serve_4bit", "4-bit + adapter")):
-        for c, r in report.get(mode, {}).get("levels", {}).items():
-            add(f"(b) ray-sft serve, {label}, concurrency {c}", r)
+    with httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            done = list(pool.map(one, range(requests)))
+        wall = time.perf_counter() - started
+    counts = [n for _, n in done]
+    return row(sum(counts), wall, [t for t, _ in done], counts)
+
+
+def bench_mid_batch(url: str, prompts: list[str], model: str) -> dict:
+    """(d) TIMED sequential requests from one client while CONCURRENCY - 1 others keep the replica decoding: each
+    arrives while a batch is mid-decode."""
+    stop = threading.Event()
+
+    def busy(offset: int) -> None:
+        while not stop.is_set():
+            bench_server(url, prompts[offset:], [model], 1, 1)
+
+    background = [threading.Thread(target=busy, args=(i,)) for i in range(1, CONCURRENCY)]
+    for thread in background:
+        thread.start()
+    try:
+        time.sleep(1)  # the others are decoding
+        return bench_server(url, prompts, [model], 1, TIMED)
+    finally:
+        stop.set()
+        for thread in background:
+            thread.join()
+
+
+def deploy(url: str, adapters: dict[str, Path], device: str, name: str) -> str:
+    """An app on route /<name>; returns its base URL."""
+    from ray_sft import generate, serve
+
+    job = generate.run_spec(next(iter(adapters.values())))
+    job.serve.merge = len(adapters) == 1
+    job.serve.max_batch_size = CONCURRENCY
+    job.serve.max_adapters_per_replica = len(adapters)
+    job.serve.gpus_per_replica = 0.5 if device == "cuda" else 0  # both apps on one GPU
+    job.serve.dequantize_base = device == "cuda"
+    job.serve.cpus_per_replica = 4 if device == "cuda" else 0.5
+    base = generate.base_of(next(iter(adapters.values())))
+    serve.deploy(job, base, {n: str(p) for n, p in adapters.items()}, name=name, route_prefix=f"/{name}")
+    bench_server(f"{url}/{name}", ["warm up"], list(adapters), 1, 1)  # not timed
+    return f"{url}/{name}"
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def results(report: dict) -> dict:
+    """results.json: the medians the issue asks for (ratios are taken within each repeat, then the median)."""
+    reps = report["repeats"]
+    pick = lambda key, field: [r[key][field] for r in reps if key in r]  # noqa: E731
+    c32, plain, multi = pick("merged_c32", "tokens_per_s"), pick("plain_batch32", "tokens_per_s"), pick(
+        "multi4_c32", "tokens_per_s")
+    out = {}
+    if pick("merged_c1", "p50_s"):
+        out["serve_c1_p50_s"] = summary(pick("merged_c1", "p50_s"))
+    if c32:
+        out["serve_c32_tokens_per_s"] = summary(c32)
+    if pick("mid_batch", "p50_s"):
+        out["serve_mid_batch_p50_s"] = summary(pick("mid_batch", "p50_s"))
+    if plain:
+        out["plain_batch32_tokens_per_s"] = summary(plain)
+    if c32 and plain:
+        out["serve_c32_over_plain_batch32"] = summary([a / b for a, b in zip(c32, plain)])
+    if c32 and multi:
+        out["serve_multi4_c32_tokens_per_s"] = summary(multi)
+        out["serve_multi4_c32_over_merged"] = summary([a / b for a, b in zip(multi, c32)])
+    if c32 and report.get("loop"):
+        out["serve_c32_over_loop"] = summary([a / report["loop"]["tokens_per_s"] for a in c32])
+    return out
+
+
+def table(report: dict, medians: dict) -> str:
+    lines = ["| measure | median | min-max | repeats |", "|---|---:|---:|---:|"]
+    if report.get("loop"):
+        loop = report["loop"]
+        lines.append(f"| (a) recipe loop tokens/s (1 run, {loop['requests']} requests) | {loop['tokens_per_s']:,.1f} "
+                     f"| - | 1 |")
+    for key, value in medians.items():
+        lines.append(f"| {key} | {value['median']:,.3f} | {value['min']:,.3f}-{value['max']:,.3f} | {value['n']} |")
     return "\n".join(lines)
 
 
@@ -244,14 +287,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/serve_speed"))
-    parser.add_argument("--deadline", type=float, default=470, help="seconds for the whole script")
+    parser.add_argument("--deadline", type=float, default=500, help="seconds for the whole script")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU: dry-run the script")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override in the bench run's spec, which generate and the server load the model with "
-                             "(e.g. quantization.compute_dtype=float32: their greedy text without bf16's rounding)")
-    parser.add_argument("--merged-only", action="store_true", help="skip the 4-bit loop and the 4-bit server")
+                        help="override in the bench run's spec, which generate and the server load the model with")
     args = parser.parse_args()
+    if args.tiny:  # the dry run checks the script end to end on 2 CPU cores, not speed
+        global TIMED, CONCURRENCY
+        TIMED, CONCURRENCY = 2, 4
 
     started = time.monotonic()
     deadline = started + args.deadline
@@ -265,22 +310,27 @@ def main() -> None:
         log_file.write(line + "\n")
         log_file.flush()
 
-    report: dict = {"environment": environment(), "new_tokens": NEW_TOKENS, "overrides": args.set}
+    report: dict = {"environment": environment(), "new_tokens": NEW_TOKENS, "overrides": args.set, "repeats": []}
 
-    def save() -> None:
+    def save() -> dict:
         report["wall_s"] = time.monotonic() - started
         (args.out / "serve_speed.json").write_text(json.dumps(report, indent=1))
+        medians = results(report)
+        (args.out / "results.json").write_text(json.dumps(
+            {k: v["median"] for k, v in medians.items()} | {"spread": medians}, indent=1))
+        return medians
 
-    adapter = args.work / "runs" / "bench" / "adapter"
+    adapters = {f"bench{i}": args.work / "runs" / f"bench{i}" / "adapter" for i in range(ADAPTERS)}
+    first = next(iter(adapters))
     try:
         setup(args.work, args.tiny, args.device, tuple(args.set))
         prompts = json.loads((args.work / "prompts.json").read_text())
         log("setup done")
-        if not args.merged_only:
-            report["loop"], loop_texts = bench_generate(adapter, prompts, args.device, merge=False)
-            log(f"loop: {report['loop']}")
-        report["generate_merged"], merged_texts = bench_generate(adapter, prompts, args.device, merge=True)
-        log(f"generate --merge: {report['generate_merged']}")
+        report["loop"] = bench_loop(adapters[first], prompts, args.device)
+        log(f"loop: {report['loop']}")
+        plain = PlainBatch(adapters[first], args.device)
+        plain(prompts)  # warm-up
+        log("plain batch ready")
         save()
 
         from ray_sft import cluster, serve
@@ -290,29 +340,37 @@ def main() -> None:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             url = serve.start("127.0.0.1", port)
-            # The 4-bit server decodes at about the loop's speed per step: fewer requests keep it inside the deadline.
-            phases = [("serve_merged", True, {1: 5, 8: 16, 32: 64}, merged_texts)]
-            if not args.merged_only:
-                phases.append(("serve_4bit", False, {1: 3, 8: 8, 32: 32}, loop_texts))
-            for mode, merge, levels, reference in phases:
-                if time.monotonic() > deadline - 60:
-                    log(f"deadline: skipped {mode}")
-                    continue
-                report[mode] = serve_phase(url, adapter, prompts, args.device, merge, levels, deadline - 30, reference,
-                                           log)
+            merged = deploy(url, {first: adapters[first]}, args.device, "merged")
+            log("merged app ready")
+            multi = deploy(url, adapters, args.device, "multi")
+            log("4-adapter app ready")
+            levels = {
+                "plain_batch32": lambda: plain(prompts),
+                "merged_c1": lambda: bench_server(merged, prompts, [first], 1, TIMED),
+                "merged_c32": lambda: bench_server(merged, prompts, [first], CONCURRENCY, 2 * CONCURRENCY),
+                "mid_batch": lambda: bench_mid_batch(merged, prompts, first),
+                "multi4_c32": lambda: bench_server(multi, prompts, list(adapters), CONCURRENCY, 2 * CONCURRENCY),
+            }
+            for repeat in range(args.repeats):
+                report["repeats"].append({})
+                for name, measure in levels.items():
+                    if time.monotonic() > deadline - 20:
+                        log(f"deadline: skipped {name} of repeat {repeat}")
+                        continue
+                    report["repeats"][-1][name] = measure()
+                    log(f"repeat {repeat} {name}: {report['repeats'][-1][name]}")
                 save()
+            report["gpu_used_gib"] = gpu_used_gib()
+            serve.stop("merged")
+            serve.stop("multi")
     except Exception:
         log(traceback.format_exc())
         # The replica's own log says why a deploy failed.
         for path in sorted(Path("/tmp").glob("*/session_latest/logs/serve/replica_*.log")):
             log_file.write(f"===== {path}\n{path.read_text()[-4000:]}\n")
-    save()
-    base = report.get("loop", {}).get("tokens_per_s")
-    c32 = report.get("serve_merged", {}).get("levels", {}).get("32") or {}
+    medians = save()
     print(json.dumps(report["environment"]))
-    print(table(report))
-    if base and c32:
-        print(f"serve merged c32 / loop: {c32['tokens_per_s'] / base:.1f}x")
+    print(table(report, medians))
 
 
 if __name__ == "__main__":
