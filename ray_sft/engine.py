@@ -55,7 +55,8 @@ class SlotCache:
     """A static KV cache of `slots` rows, each written at its own position.
 
     Duck-typed for transformers' decoder layers, which only call `update` when given a 4D mask and position ids.
-    `rows` (None: all slots in order) and `starts` say where the next forward's keys go.
+    `rows` (None: all slots in order) and `starts` say where the next forward's keys go; `limit` (None: the whole
+    cache) is how many positions the forward attends over.
     """
 
     is_compileable = True
@@ -68,6 +69,7 @@ class SlotCache:
         self.slots, self.length = slots, length
         self.rows: torch.Tensor | None = None
         self.starts: torch.Tensor | None = None
+        self.limit: int | None = None
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         keys, values = self.keys[layer_idx], self.values[layer_idx]
@@ -75,9 +77,11 @@ class SlotCache:
         rows = (torch.arange(self.slots, device=key.device) if self.rows is None else self.rows)[:, None]
         keys[rows.expand_as(at), :, at] = key.transpose(1, 2)
         values[rows.expand_as(at), :, at] = value.transpose(1, 2)
-        if self.rows is None:
-            return keys, values
-        return keys[self.rows], values[self.rows]
+        if self.rows is not None:
+            keys, values = keys[self.rows], values[self.rows]
+        if self.limit is not None:
+            keys, values = keys[:, :, :self.limit], values[:, :, :self.limit]
+        return keys, values
 
     def get_seq_length(self, *args, **kwargs) -> int:
         return 0  # positions come from position_ids, never from the cache
@@ -137,7 +141,11 @@ class Engine:
         self.graph = None
         # CUDA graphs need every kernel to be capturable; bitsandbytes' 4-bit kernels are not.
         if device.type == "cuda" and not getattr(model, "is_quantized", False):
-            self.graph = _Graph(self._decode_logits)
+            try:
+                self.graph = _Graph(self._decode_logits)
+            except Exception:  # a kernel that cannot be captured: correct but slower, and said so
+                log.warning("CUDA graph capture of the decode step failed; decoding eagerly", exc_info=True)
+                torch.cuda.synchronize()
 
     def _allocate(self, config, dtype, device) -> None:
         self.cache = SlotCache(config, self.slots, self.length, dtype, device)
@@ -247,10 +255,10 @@ class Engine:
             self._configure(slot, request)
         self.seen[slots] = False
         self.seen[slots[:, None].expand_as(ids), ids] = True
-        causal = self.key_index[None, :] <= torch.arange(width, device=device)[:, None]
-        mask = self._additive(causal)[None, None].expand(len(admitted), 1, width, self.length)
+        causal = self.key_index[None, :width] <= torch.arange(width, device=device)[:, None]
+        mask = self._additive(causal)[None, None].expand(len(admitted), 1, width, width)
         positions = torch.arange(width, device=device)[None].expand(len(admitted), width)
-        hidden = self._forward(ids, mask, positions, slots, torch.zeros_like(slots), self.slot_adapter[slots])
+        hidden = self._forward(ids, mask, positions, slots, torch.zeros_like(slots), self.slot_adapter[slots], width)
         last = hidden[torch.arange(len(admitted), device=device), lengths - 1]
         chosen = self._choose(self.head(last).float(), slots)
         self.positions[slots] = lengths
@@ -266,22 +274,34 @@ class Engine:
         self.temperature[slot], self.top_p[slot] = s.temperature, s.top_p
 
     def _decode(self) -> None:
-        logits = self.graph() if self.graph is not None else self._decode_logits()
-        chosen = self._choose(logits, None)
-        # Free slots advance too: the clamp keeps their (unread) writes inside the cache. A live row never reaches
-        # the end (submit checks its length).
-        self.positions.add_(1).clamp_(max=self.length - 1)
-        self._accept(None, chosen, [slot for slot, row in enumerate(self.rows) if row is not None])
+        active = [slot for slot, row in enumerate(self.rows) if row is not None]
+        if self.graph is not None:
+            chosen = self._choose(self.graph(), None)
+            # Free slots advance too: the clamp keeps their (unread) writes inside the cache. A live row never
+            # reaches the end (submit checks its length).
+            self.positions.add_(1).clamp_(max=self.length - 1)
+            self._accept(None, chosen, active)
+            return
+        # Eager (CPU, 4-bit base): only live rows, attending only as far as the longest of them has come.
+        slots = torch.tensor(active, device=self.tokens.device)
+        chosen = self._choose(self._decode_logits(slots, max(len(self.rows[s].request.ids) + len(self.rows[s].ids)
+                                                             for s in active)), slots)
+        self.positions[slots] += 1
+        self._accept(slots, chosen, active)
 
-    def _decode_logits(self) -> torch.Tensor:
-        """Static shapes, nothing read on the host: the part a CUDA graph replays."""
-        mask = self._additive(self.key_index[None, :] <= self.positions[:, None])[:, None, None, :]
-        hidden = self._forward(self.tokens[:, None], mask, self.positions[:, None], None, self.positions,
-                               self.slot_adapter)
+    def _decode_logits(self, slots: torch.Tensor | None = None, limit: int | None = None) -> torch.Tensor:
+        """One token for `slots` (None: every slot, static shapes, nothing read on the host: the part a CUDA graph
+        replays), attending over the first `limit` cache positions (None: all)."""
+        pick = (lambda t: t) if slots is None else (lambda t: t[slots])  # noqa: E731
+        keys = self.key_index if limit is None else self.key_index[:limit]
+        positions = pick(self.positions)
+        mask = self._additive(keys[None, :] <= positions[:, None])[:, None, None, :]
+        hidden = self._forward(pick(self.tokens)[:, None], mask, positions[:, None], slots, positions,
+                               pick(self.slot_adapter), limit)
         return self.head(hidden[:, -1]).float()
 
-    def _forward(self, ids, mask, positions, slots, starts, adapters) -> torch.Tensor:
-        self.cache.rows, self.cache.starts = slots, starts
+    def _forward(self, ids, mask, positions, slots, starts, adapters, limit=None) -> torch.Tensor:
+        self.cache.rows, self.cache.starts, self.cache.limit = slots, starts, limit
         if self.route is not None:
             self.route.rows = adapters
         # Positional: transformers renamed past_key_values to cache (5.24).
