@@ -7,12 +7,15 @@ and Ray is a private cluster on 127.0.0.1 with its own temp dir (never `ray stop
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
+QUICKSTART_TUNE = REPO / "jobs" / "quickstart-tune.yaml"
+ABSURD_LR = 50.0  # searched_run's trial that diverges
 BUNDLED_DATA = REPO / "jobs" / "data" / "dolly-ja-mini.jsonl"
 
 # One compute thread per process: 2 cores are shared by the test process and Ray's workers.
@@ -53,10 +56,63 @@ def ray_cluster():
         yield
 
 
+def run_cli(*argv: str) -> tuple[int, str]:
+    """`ray-sft ARGV` in this process (on the session's Ray cluster): (exit code, what it printed)."""
+    import contextlib
+    import io
+
+    from ray_sft import cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(list(argv))
+    return code, out.getvalue()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class PipelineRun:
+    code: int
+    out: str
+    port: int
+    run_dir: Path
+    adapter_dir: Path
+    metrics: dict  # the last report (what the exported model card carries)
+    checkpoint_path: str
+
+
 @pytest.fixture(scope="session")
 def trained_run(ray_cluster, tmp_path_factory):
-    """One real 2-worker training run of the tiny job; later tests read its adapter and files."""
-    from ray_sft import train
+    """One real `ray-sft run` of the tiny job (2 workers: train, serve, one sample over HTTP); later tests read its
+    output, adapter and files (one run serves every test that only reads them: it is the suite's costliest part)."""
+    from ray import serve
 
-    job = quick_spec(tmp_path_factory.mktemp("runs"), *FAST, "output.name=shared")
-    return train.fit(job)
+    from ray_sft import run_files
+
+    runs, port = tmp_path_factory.mktemp("runs"), free_port()
+    code, out = run_cli("run", str(QUICKSTART), f"output.dir={runs}", *FAST, "output.name=shared",
+                        "generation.max_new_tokens=16", f"serve.port={port}")
+    serve.shutdown()  # the run removed its app; its HTTP proxy would hold the port of later servers
+    assert code == 0, out
+    run_dir = runs / "shared"
+    metrics = run_files.read_metrics(run_dir)
+    checkpoint = [m["checkpoint"] for m in metrics if "checkpoint" in m][-1]
+    return PipelineRun(code, out, port, run_dir, run_dir / "adapter", metrics[-1], checkpoint)
+
+
+@pytest.fixture(scope="session")
+def searched_run(ray_cluster, tmp_path_factory):
+    """One real `ray-sft run` of the tiny search, no serving: 4 trials 2 at a time under ASHA, one of them with an
+    absurd learning rate that ASHA must stop at its first eval."""
+    runs = tmp_path_factory.mktemp("search")
+    code, out = run_cli("run", str(QUICKSTART_TUNE), f"output.dir={runs}", "--no-serve", *FAST,
+                        "training.max_steps=6", "output.name=search", "tune.num_samples=1",
+                        f"tune.search_space={{training.learning_rate: {{grid: [1.0e-3, 2.0e-3, 3.0e-3, {ABSURD_LR}]}}}}")
+    return code, out, runs / "search"
