@@ -127,14 +127,6 @@ class TrainingSpec:
 
 
 @dataclass
-class CrashSpec:
-    """Fault injection for recovery tests: `rank` exits the process at optimizer step `step`, once per run."""
-
-    rank: int = field(default=0, metadata=NON_NEGATIVE)
-    step: int = field(default=1, metadata=POSITIVE)
-
-
-@dataclass
 class ScalingSpec:
     num_workers: int = field(default=1, metadata=POSITIVE)
     use_gpu: Union[bool, Literal["auto"]] = "auto"
@@ -144,7 +136,6 @@ class ScalingSpec:
     # Where Ray Train keeps checkpoints: a local folder or a pyarrow filesystem URI (s3://, gs://, ...).
     # Default: <output.dir>/<output.name>/ray.
     storage_path: Optional[str] = None
-    crash: Optional[CrashSpec] = None
 
 
 @dataclass
@@ -316,8 +307,6 @@ def _cross_field_errors(spec: JobSpec) -> list[str]:
                       f"({t.per_device_batch_size}) that divides the {rows_per_step} rows of an optimizer step")
     if spec.model.attn_implementation == "varlen" and not t.padding_free:
         errors.append("model.attn_implementation: varlen needs training.padding_free: true")
-    if spec.scaling.crash is not None and spec.scaling.crash.rank >= spec.scaling.num_workers:
-        errors.append("scaling.crash.rank: must be < scaling.num_workers")
     if spec.serve.autoscaling.max_replicas < spec.serve.autoscaling.min_replicas:
         errors.append("serve.autoscaling.max_replicas: must be >= serve.autoscaling.min_replicas")
     if spec.tune.search_alg == "optuna" and any("grid" in d for d in spec.tune.search_space.values()):

@@ -7,6 +7,7 @@ runs it and exports the adapter. The driver-side pieces that touch the run folde
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,6 +29,15 @@ CRASH_MARKER = ".crash-injected"
 
 class TrainError(RuntimeError):
     """A run that could not start or did not finish; the message says why and what was kept."""
+
+
+@dataclass(frozen=True)
+class InjectedCrash:
+    """A test hook, never part of a job spec: worker `rank` exits its process at optimizer step `step`, once per run
+    folder (recovery and resume tests pass it to `fit`)."""
+
+    rank: int
+    step: int
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,6 +288,7 @@ def train_worker(config: dict) -> None:
     from ray_sft import modeling
 
     spec = from_dict(config["spec"])
+    crash = InjectedCrash(**config["crash"]) if config["crash"] else None
     context = ray.train.get_context()
     rank = context.get_world_rank()
     # One compute thread per CPU granted: oversubscribing 2 cores made one step 80x slower.
@@ -296,7 +307,7 @@ def train_worker(config: dict) -> None:
         resume_from = _restore_checkpoint(output_dir)
         trainer = build_trainer(
             spec, config["model_path"], tokenizer, train_rows, eval_rows, device, output_dir,
-            callbacks=[_report_callback_class()(config["run_dir"], spec.scaling.crash, rank)],
+            callbacks=[_report_callback_class()(config["run_dir"], crash, rank)],
             presharded=context.get_world_size() > 1)
         trainer.train(resume_from_checkpoint=resume_from)
         _write_shard_audit(config["run_dir"], rank, train_rows, trainer.trained_indices, trainer.model)
@@ -384,7 +395,8 @@ def check_fits(spec: JobSpec, resources: dict, cluster: dict) -> None:
                              f"but the Ray cluster has {have:g} {name} in total")
 
 
-def fit(spec: JobSpec, resume: bool = False, trial: bool = False) -> TrainOutcome:
+def fit(spec: JobSpec, resume: bool = False, trial: bool = False,
+        crash: InjectedCrash | None = None) -> TrainOutcome:
     """Run distributed QLoRA SFT for `spec` on the connected Ray cluster and export the final adapter.
 
     With `trial=True` (inside a Ray Tune trial) each Ray Train report that carries spec.tune.metric is also
@@ -424,7 +436,8 @@ def fit(spec: JobSpec, resume: bool = False, trial: bool = False) -> TrainOutcom
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"spec": to_dict(spec), "model_path": model_path, "run_dir": str(run_dir),
-                           "has_eval": bool(examples.eval), "cpus_per_worker": spec.scaling.cpus_per_worker},
+                           "has_eval": bool(examples.eval), "cpus_per_worker": spec.scaling.cpus_per_worker,
+                           "crash": dataclasses.asdict(crash) if crash else None},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         # Every worker reads the whole train set and takes its own stride (shard_rows); every worker evaluates

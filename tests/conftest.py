@@ -114,5 +114,6 @@ def searched_run(ray_cluster, tmp_path_factory):
     runs = tmp_path_factory.mktemp("search")
     code, out = run_cli("run", str(QUICKSTART_TUNE), f"output.dir={runs}", "--no-serve", *FAST,
                         "training.max_steps=6", "output.name=search", "tune.num_samples=1",
-                        f"tune.search_space={{training.learning_rate: {{grid: [1.0e-3, 2.0e-3, 3.0e-3, {ABSURD_LR}]}}}}")
+                        "tune.search_space={training.learning_rate: "
+                        f"{{grid: [1.0e-3, 2.0e-3, 3.0e-3, {ABSURD_LR}]}}}}")
     return code, out, runs / "search"

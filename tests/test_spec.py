@@ -189,10 +189,8 @@ def test_cross_field_errors_are_all_reported():
     errors = errors_of({
         "training": {"eval_steps": 20, "save_steps": 30},
         "serve": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}},
-        "scaling": {"num_workers": 2, "crash": {"rank": 2}},
     })
-    assert [e.split(":")[0] for e in errors] == ["training.save_steps", "scaling.crash.rank",
-                                                 "serve.autoscaling.max_replicas"]
+    assert [e.split(":")[0] for e in errors] == ["training.save_steps", "serve.autoscaling.max_replicas"]
 
 
 def test_custom_template_must_have_placeholders():
@@ -235,14 +233,14 @@ def test_malformed_override(text):
 def test_overrides_are_validated_and_create_sections(tmp_path):
     path = write_spec(tmp_path, "model:\n  name_or_path: tiny\n")
     job = spec.load(path, ["training.learning_rate=1e-3", "lora.r=16", "training.packing=true",
-                           "lora.target_modules=[q_proj, v_proj]", "scaling.crash.rank=0", "scaling.crash.step=3",
+                           "lora.target_modules=[q_proj, v_proj]", "serve.autoscaling.max_replicas=3",
                            "tune.search_space.lora.r={choice: [4, 8]}",
                            "tune.search_space.training.learning_rate={loguniform: [1e-5, 1e-3]}"])
     assert job.training.learning_rate == 1e-3
     assert job.lora.r == 16
     assert job.training.packing is True
     assert job.lora.target_modules == ["q_proj", "v_proj"]
-    assert job.scaling.crash == spec.CrashSpec(rank=0, step=3)
+    assert job.serve.autoscaling.max_replicas == 3
     assert job.tune.search_space == {"lora.r": {"choice": [4, 8]},
                                      "training.learning_rate": {"loguniform": [1e-5, 1e-3]}}
     assert job.model.name_or_path == "tiny"  # untouched by the overrides

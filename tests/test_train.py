@@ -128,8 +128,8 @@ def test_every_training_process_disabled_the_cpu_repack_on_every_4bit_layer(trai
 
 @pytest.mark.slow
 def test_worker_crash_recovers_from_latest_checkpoint(ray_cluster, tmp_path):
-    job = quick_spec(tmp_path, *FAST, "scaling.max_failures=1", "scaling.crash={rank: 1, step: 3}")
-    outcome = train.fit(job)
+    job = quick_spec(tmp_path, *FAST, "scaling.max_failures=1")
+    outcome = train.fit(job, crash=train.InjectedCrash(rank=1, step=3))
     assert (outcome.run_dir / train.CRASH_MARKER).read_text().startswith("rank 1 exited at step 3")
     assert outcome.metrics["step"] == 4
     steps = [r["step"] for r in run_files.read_metrics(outcome.run_dir) if "loss" in r]
@@ -138,9 +138,9 @@ def test_worker_crash_recovers_from_latest_checkpoint(ray_cluster, tmp_path):
 
 @pytest.mark.slow
 def test_crash_without_retries_fails_keeps_checkpoints_and_resume_continues(ray_cluster, tmp_path):
-    job = quick_spec(tmp_path, *FAST, "scaling.max_failures=0", "scaling.crash={rank: 0, step: 3}")
+    job = quick_spec(tmp_path, *FAST, "scaling.max_failures=0")
     with pytest.raises(train.TrainError, match="(?s)training failed.*--resume"):
-        train.fit(job)
+        train.fit(job, crash=train.InjectedCrash(rank=0, step=3))
     checkpoints = [p for p in sorted(Path(job.storage_path).glob("*/checkpoint_*")) if p.is_dir()]
     assert len(checkpoints) == 1 and (checkpoints[0] / "adapter_model.safetensors").is_file()
     assert json.loads((checkpoints[0] / "trainer_state.json").read_text())["global_step"] == 2

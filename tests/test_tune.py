@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -102,15 +103,14 @@ def test_default_share_is_one_plain_run_and_as_many_as_fit(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Real searches
 
-# The resume test runs first: a trial ASHA stops leaves its Ray Train worker placement group behind on a
-# dashboard-less cluster (Train V2's cleaner needs the State API), starving later searches in this session.
 
 
 @pytest.mark.slow
-def test_resume_reruns_only_the_failed_trial(ray_cluster, tmp_path):
-    # Trial "crash" loses its only worker at step 1 (scaling.max_failures 0), so the search ends with it failed.
-    overrides = ["output.name=resumed", "tune.scheduler.type=none", "tune.num_samples=1",
-                 "tune.search_space={scaling.crash: {grid: [null, {rank: 0, step: 1}]}}"]
+def test_resume_reruns_only_the_failed_trial(ray_cluster, tiny_model_path, tmp_path):
+    # One trial's base model is not there yet, so the search ends with it failed; once it is, --resume trains it.
+    late_model = tmp_path / "late-model"
+    overrides = ["output.name=resumed", "tune.scheduler.type=none", "tune.num_samples=1", "training.max_steps=2",
+                 f"tune.search_space={{model.name_or_path: {{grid: [tiny, {late_model}]}}}}"]
     assert main(["tune", str(QUICKSTART_TUNE), f"output.dir={tmp_path}", *FAST, *overrides]) == 1
     run = tmp_path / "resumed"
     first = pd.read_csv(run / "trials.csv")
@@ -118,10 +118,11 @@ def test_resume_reruns_only_the_failed_trial(ray_cluster, tmp_path):
     done = first[first["status"] == "TERMINATED"].iloc[0]["trial_id"]
     metrics_before = (run / "trials" / done / "metrics.jsonl").read_bytes()
 
+    shutil.copytree(tiny_model_path, late_model)
     assert main(["tune", str(QUICKSTART_TUNE), f"output.dir={tmp_path}", *FAST, *overrides, "--resume"]) == 0
     second = pd.read_csv(run / "trials.csv")
     assert set(second["trial_id"]) == set(first["trial_id"]) and set(second["status"]) == {"TERMINATED"}
-    assert (second["steps"] == 4).all()
+    assert (second["steps"] == 2).all()
     assert (run / "trials" / done / "metrics.jsonl").read_bytes() == metrics_before  # not trained again
     assert (run / "best" / "adapter" / "adapter_config.json").is_file()
 
