@@ -21,6 +21,13 @@ AUTO = "auto"
 VARLEN = "varlen"
 
 
+class ModelError(FileNotFoundError):
+    """A model that cannot be found as the spec names it; the message names the id and revision.
+
+    A FileNotFoundError so that the CLI reports it as bad input (exit 2) without importing torch to catch it.
+    """
+
+
 def resolve_model_path(spec: JobSpec) -> str:
     """The path or Hub id to load; "tiny" builds (once, cached) the offline tiny model on the spec's data."""
     if spec.model.name_or_path != TINY:
@@ -38,7 +45,13 @@ def load_tokenizer(path: str, model: ModelSpec):
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=model.revision,
+                                                  trust_remote_code=model.trust_remote_code)
+    except OSError as exc:  # transformers' one error for an unknown id, a missing revision, no network, no access
+        raise ModelError(f"model.name_or_path: cannot load {path!r}"
+                         + (f" at revision {model.revision!r}" if model.revision else "")
+                         + f" (check the id, model.revision, HF_ENDPOINT and HF_TOKEN): {exc}") from None
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
