@@ -97,6 +97,28 @@ def test_rayservice_serves_the_rayjobs_spec_and_its_builder_exists():
     assert callable(getattr(importlib.import_module(module), attr))
 
 
+def test_rayservice_builder_serves_a_run_over_http(trained_run):
+    """The RayService entry point, run for real: the app it builds serves the run's adapter on 127.0.0.1."""
+    import httpx
+    from ray import serve
+
+    from ray_sft import serve as ray_sft_serve
+    from tests.conftest import QUICKSTART, free_port
+
+    args = {"spec": str(QUICKSTART), "overrides": [f"output.dir={trained_run.run_dir.parent}", "output.name=shared",
+                                                   "serve.max_prompt_tokens=64", "serve.max_tokens_limit=64"]}
+    url = ray_sft_serve.start("127.0.0.1", free_port())
+    try:
+        serve.run(ray_sft_serve.app_builder(args), name=ray_sft_serve.APP_NAME, route_prefix="/")
+        assert "shared" in [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=60).json()["data"]]
+        answer = httpx.post(f"{url}/v1/completions", timeout=120,
+                            json={"model": "shared", "prompt": "### 指示\nこんにちは\n### 回答:\n", "max_tokens": 4})
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        ray_sft_serve.stop()
+        serve.shutdown()
+
+
 def _gpu_groups(doc: dict) -> list[dict]:
     cluster = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
     return [g for g in cluster["workerGroupSpecs"]
