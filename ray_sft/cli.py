@@ -147,17 +147,46 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def say(line: str) -> None:
+    """ray_sft's own progress line on the console."""
+    print(f"[ray-sft] {line}", flush=True)
+
+
+def check_data(job) -> None:
+    """The data checks that need no cluster, before any starts: a bad source is exit 2 within seconds."""
+    from ray_sft import data
+
+    rows = data.check_source(job.data)
+    if rows is None:
+        say(f"data: Hub dataset {job.data.source} (split {job.data.split}); read when the run starts")
+        return
+    from ray_sft import modeling
+
+    try:
+        tokenizer = modeling.load_tokenizer(modeling.resolve_model_path(job), job.model)
+    except OSError as exc:  # a Hub tokenizer offline: the run itself will say so; the rows are checked
+        say(f"data: {job.data.source}: {len(rows)} rows; token lengths not checked ({exc})")
+        return
+    examples = data.format_rows(rows, job.data, job.prompt, tokenizer, job.training.max_length)
+    say(f"data: {job.data.source}: {data.describe(examples, job.training.max_length)}")
+
+
 def cmd_validate(args) -> int:
     from ray_sft import spec
 
-    print(spec.to_yaml(spec.load(args.spec, args.overrides)), end="")
+    job = spec.load(args.spec, args.overrides)
+    print(spec.to_yaml(job), end="", flush=True)
+    check_data(job)
     return 0
 
 
 def cmd_train(args) -> int:
-    from ray_sft import cluster, spec, train
+    from ray_sft import spec
 
     job = spec.load(args.spec, args.overrides)
+    check_data(job)
+    from ray_sft import cluster, train  # imports Ray: only once the input is known to be good
+
     try:
         with cluster.connect(args.address):
             outcome = train.fit(job, resume=args.resume)
@@ -175,6 +204,7 @@ def cmd_tune(args) -> int:
 
     job = spec.load(args.spec, args.overrides)
     tune.check(job)  # spec errors (exit 2) before connecting to Ray or starting any trial
+    check_data(job)
     try:
         with cluster.connect(args.address):
             outcome = tune.search(job, resume=args.resume)
@@ -236,6 +266,8 @@ def cmd_run(args) -> int:
 
     job = spec.load(args.spec, args.overrides)
     serving = "none" if args.no_serve else "keep" if args.keep_serving else "sample"
+    pipeline.check(job, serving)
+    check_data(job)
     try:
         pipeline.run(job, args.address, serving, say=lambda line: print(line, flush=True))
     except (pipeline.PipelineError, tune.TuneError, train.TrainError) as exc:
