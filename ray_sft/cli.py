@@ -44,6 +44,11 @@ def _spec_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="override spec fields")
 
 
+def _verbose_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show library and Ray output on the console (default: in <run>/logs/console.log)")
+
+
 def _address_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join ('auto', 'ray://host:10001'); default: a private local cluster")
@@ -123,6 +128,7 @@ def _pipeline_verbs(verbs) -> None:
                 "ray-sft run jobs/quickstart.yaml")
     _spec_args(run)
     _address_arg(run)
+    _verbose_arg(run)
     serving = run.add_mutually_exclusive_group()
     serving.add_argument("--no-serve", action="store_true", help="stop after training/tuning")
     serving.add_argument("--keep-serving", action="store_true",
@@ -195,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "ray-sft train jobs/quickstart.yaml training.max_steps=4")
     _spec_args(train)
     _address_arg(train)
+    _verbose_arg(train)
     train.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint")
 
     tune = _verb(verbs, "tune", "hyperparameter search on Ray Tune (the spec's tune section)",
@@ -203,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "ray-sft tune jobs/quickstart-tune.yaml tune.num_samples=2")
     _spec_args(tune)
     _address_arg(tune)
+    _verbose_arg(tune)
     tune.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials stay")
     _serving_verbs(verbs)
     _pipeline_verbs(verbs)
@@ -244,14 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def say(line: str, file=None) -> None:
-    """ray_sft's own progress line on the console."""
-    print(f"[ray-sft] {line}", file=file or sys.stdout, flush=True)
-
-
 def check_data(job, file=None) -> None:
     """The data checks that need no cluster, before any starts: a bad source is exit 2 within seconds."""
     from ray_sft import data
+    from ray_sft.console import say
 
     rows = data.check_source(job.data)
     if rows is None:
@@ -282,10 +286,10 @@ def cmd_train(args) -> int:
 
     job = spec.load(args.spec, args.overrides)
     check_data(job)
-    from ray_sft import cluster, train  # imports Ray: only once the input is known to be good
+    from ray_sft import cluster, console, train  # imports Ray: only once the input is known to be good
 
     try:
-        with cluster.connect(args.address):
+        with console.quiet(job.run_dir, args.verbose), cluster.connect(args.address):
             outcome = train.fit(job, resume=args.resume)
     except train.TrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -297,13 +301,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from ray_sft import cluster, spec, train, tune
+    from ray_sft import cluster, console, spec, train, tune
 
     job = spec.load(args.spec, args.overrides)
     tune.check(job)  # spec errors (exit 2) before connecting to Ray or starting any trial
     check_data(job)
     try:
-        with cluster.connect(args.address):
+        with console.quiet(job.run_dir, args.verbose), cluster.connect(args.address):
             outcome = tune.search(job, resume=args.resume)
     except (tune.TuneError, train.TrainError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -359,14 +363,15 @@ def cmd_serve(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from ray_sft import pipeline, spec, train, tune
+    from ray_sft import console, pipeline, spec, train, tune
 
     job = spec.load(args.spec, args.overrides)
     serving = "none" if args.no_serve else "keep" if args.keep_serving else "sample"
     pipeline.check(job, serving)
     check_data(job)
     try:
-        pipeline.run(job, args.address, serving, say=lambda line: print(line, flush=True))
+        with console.quiet(job.run_dir, args.verbose):
+            pipeline.run(job, args.address, serving, say=console.show)
     except (pipeline.PipelineError, tune.TuneError, train.TrainError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED

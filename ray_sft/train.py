@@ -388,7 +388,7 @@ def fit(spec: JobSpec, resume: bool = False, trial: bool = False) -> TrainOutcom
     run_files.write_spec(run_dir, spec)
     if not resume:
         run_files.reset_run_outputs(run_dir)
-    callbacks = [run_files.MetricsCallback(str(run_dir))]
+    callbacks = [run_files.MetricsCallback(str(run_dir), echo=not trial)]
     if trial:
         callbacks.append(_tune_report_callback(spec.tune.metric, spec.tune.mode))
     datasets_ = {"train": ray.data.from_items(examples.train)}

@@ -153,3 +153,41 @@ def test_address_without_scheme_is_refused_at_once(argv):
     assert time.monotonic() - started < 5
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "http://127.0.0.1:1" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A quiet console
+
+
+QUIET_PROBE = """
+import logging, os, sys, warnings
+from pathlib import Path
+from ray_sft import console
+logging.basicConfig(level=logging.INFO)
+with console.quiet(Path(sys.argv[1]), verbose=sys.argv[2] == "1"):
+    print("library print")
+    os.write(2, b"fd-level noise\\n")
+    warnings.warn("old api", FutureWarning)
+    logging.getLogger("transformers").info("library info")
+    logging.getLogger("ray_sft.train").warning("left out 3 rows")
+    console.show("[ray-sft] step 1/2")
+print("after")
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_quiet_console_keeps_only_own_lines(tmp_path, verbose):
+    result = subprocess.run([sys.executable, "-c", QUIET_PROBE, str(tmp_path), "1" if verbose else "0"],
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    console = result.stdout + result.stderr
+    assert "[ray-sft] step 1/2" in console and "left out 3 rows" in console and "after" in console
+    noise = ("library print", "fd-level noise", "FutureWarning", "library info")
+    if verbose:
+        assert all(line in console for line in noise)
+        assert not (tmp_path / "logs").exists()
+    else:
+        assert not any(line in console for line in noise)
+        assert f"{tmp_path / 'logs' / 'console.log'}" in console  # says where the rest went
+        logged = (tmp_path / "logs" / "console.log").read_text()
+        assert all(line in logged for line in noise)
