@@ -49,7 +49,7 @@ def quiet(run_dir: Path, verbose: bool = False):
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    _terminal = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    _terminal, owned = _console_stream()
     with open(log_dir / "console.log", "a", encoding="utf-8") as log_file:
         os.dup2(log_file.fileno(), 1)
         os.dup2(log_file.fileno(), 2)
@@ -66,8 +66,20 @@ def quiet(run_dir: Path, verbose: bool = False):
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
-            _terminal.close()
+            if owned:
+                _terminal.close()
             _terminal = None
+
+
+def _console_stream():
+    """(stream, owned): a duplicate of fd 1 when sys.stdout writes there (fd 1 is about to point at the log file);
+    else sys.stdout itself, which already writes elsewhere (a capture, such as pytest's capsys)."""
+    try:
+        if sys.stdout.fileno() == 1:
+            return os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8"), True
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both an OSError and a ValueError
+        pass
+    return sys.stdout, False
 
 
 def _own_warnings_to_terminal() -> logging.Handler:

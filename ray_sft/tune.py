@@ -256,7 +256,8 @@ def collect(spec: JobSpec, run_dir: Path, grid) -> TuneOutcome:
     rows = [trial_row(spec, run_dir, result) for result in grid]
     rows.sort(key=lambda r: r["trial_id"])
     write_table(run_dir, rows)
-    plot_trials(run_dir, rows, spec.tune.metric)
+    plot = plot_trials(run_dir, rows, spec.tune.metric)
+    show(f"[ray-sft tune] table: {run_dir / 'trials.csv'}; plot: {plot}")
     best = export_best(spec, run_dir, rows)
     return TuneOutcome(run_dir, rows, best, [r["trial_id"] for r in rows if r["status"] == "ERROR"])
 

@@ -191,3 +191,36 @@ def test_quiet_console_keeps_only_own_lines(tmp_path, verbose):
         assert f"{tmp_path / 'logs' / 'console.log'}" in console  # says where the rest went
         logged = (tmp_path / "logs" / "console.log").read_text()
         assert all(line in logged for line in noise)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_quickstart_console_is_short_and_library_output_is_in_the_logs(tmp_path):
+    result = ray_sft("run", str(QUICKSTART), f"output.dir={tmp_path}", f"serve.port={_free_port()}", timeout=600)
+    console = result.stdout + result.stderr
+    assert result.returncode == 0, console
+    lines = console.splitlines()
+    assert len(lines) <= 40, console
+    assert "sample completion: " in console and "[ray-sft] done: " in console
+    for noise in ("TrainingReport(", "FutureWarning", "Running Dataset", "it/s]", "INFO", "(RayTrainWorker"):
+        assert noise not in console, noise
+    logged = (tmp_path / "quickstart" / "logs" / "console.log").read_text()
+    assert "TrainingReport(" in logged and "(RayTrainWorker" in logged
+
+
+@pytest.mark.slow
+def test_verbose_shows_library_output(tmp_path):
+    from tests.conftest import FAST
+
+    result = ray_sft("train", str(QUICKSTART), f"output.dir={tmp_path}", *FAST, "-v", timeout=600)
+    console = result.stdout + result.stderr
+    assert result.returncode == 0, console
+    assert "TrainingReport(" in console and "(RayTrainWorker" in console
+    assert not (tmp_path / "quickstart" / "logs").exists()
