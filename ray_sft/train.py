@@ -372,7 +372,6 @@ def fit(spec: JobSpec, resume: bool = False, trial: bool = False) -> TrainOutcom
     from ray_sft import data, modeling
 
     run_dir = spec.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     model_path = modeling.resolve_model_path(spec)
     tokenizer = modeling.load_tokenizer(model_path, spec.model)
     examples = data.load_examples(spec, tokenizer)
@@ -384,6 +383,7 @@ def fit(spec: JobSpec, resume: bool = False, trial: bool = False) -> TrainOutcom
     if left_out:
         log.warning("%d of %d train rows left out per epoch so %d workers get equal shards",
                     left_out, len(examples.train), spec.scaling.num_workers)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves no empty folder
     run_name = run_files.ray_run_name(run_dir, resume)
     run_files.write_spec(run_dir, spec)
     if not resume:

@@ -142,9 +142,9 @@ def search(spec: JobSpec, resume: bool = False) -> TuneOutcome:
 
     check(spec)
     run_dir = spec.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     share = trial_share(spec, ray.cluster_resources())
     modeling.resolve_model_path(spec)  # builds the tiny model once here, not in concurrent trials
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a search refused above leaves no empty folder
     run_name = run_files.ray_run_name(run_dir, resume)
     run_files.write_spec(run_dir, spec)
     show(f"[ray-sft tune] {trial_count(spec)} trial(s), {share.concurrent} at once, each {share.cpus:g} CPU"
