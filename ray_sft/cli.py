@@ -18,7 +18,7 @@ A YAML job spec (see jobs/) describes a run; `section.field=value` after it over
 Exit codes: 0 done, 1 the run failed, 2 bad input (spec, data, flags, address), found before any work starts."""
 
 FIRST_STEPS = """examples:
-  ray-sft run jobs/quickstart.yaml        the whole pipeline on the bundled tiny job (CPU, a few minutes)
+  ray-sft run jobs/quickstart-tune.yaml   the whole pipeline on the bundled tiny job: search, serve, sample
   ray-sft validate jobs/quickstart.yaml   the resolved spec and a check of its data
   ray-sft VERB --help                     what a verb does, with an example"""
 
@@ -125,7 +125,7 @@ def _pipeline_verbs(verbs) -> None:
     run = _verb(verbs, "run", "the whole pipeline: tune or train, serve the winner, print one sample",
                 "Tunes when the spec has tune.search_space (else trains), serves the best adapter, prints its URL "
                 "and the served completion of generation.sample_prompts[0], then removes the app and ends.",
-                "ray-sft run jobs/quickstart.yaml")
+                "ray-sft run jobs/quickstart-tune.yaml")
     _spec_args(run)
     _address_arg(run)
     _verbose_arg(run)

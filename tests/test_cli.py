@@ -103,7 +103,7 @@ def test_top_help_is_for_users():
     result = ray_sft("--help")
     assert result.returncode == 0
     assert "parses argv" not in result.stdout
-    assert "ray-sft run jobs/quickstart.yaml" in result.stdout
+    assert "ray-sft run jobs/quickstart-tune.yaml" in result.stdout
 
 
 def test_every_verb_has_a_description_an_example_and_help_for_every_flag():
