@@ -5,10 +5,38 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+
+
+DESCRIPTION = """QLoRA supervised fine-tuning, hyperparameter search and adapter serving on Ray.
+
+A YAML job spec (see jobs/) describes a run; `section.field=value` after it overrides any field.
+Exit codes: 0 done, 1 the run failed, 2 bad input (spec, data, flags, address), found before any work starts."""
+
+FIRST_STEPS = """examples:
+  ray-sft run jobs/quickstart-tune.yaml   the whole pipeline on the bundled tiny job: search, serve, sample
+  ray-sft validate jobs/quickstart.yaml   the resolved spec and a check of its data
+  ray-sft VERB --help                     what a verb does, with an example"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' layout and shows a flag's default where it has one and its help does not say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS) \
+                and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _verb(verbs, name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
+    return verbs.add_parser(name, help=summary, description=f"{summary}.\n\n{textwrap.fill(description, 100)}",
+                            epilog=f"example:\n  {example}", formatter_class=_Formatter)
 
 
 def _spec_args(parser: argparse.ArgumentParser) -> None:
@@ -16,27 +44,75 @@ def _spec_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="override spec fields")
 
 
+def _verbose_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show library and Ray output on the console (default: in <run>/logs/console.log)")
+
+
 def _address_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join ('auto', 'ray://host:10001'); default: a private local cluster")
 
 
+def _dashboard(address: str) -> str:
+    """argparse type of the Jobs API's --address: refused at once when it is not an http(s) URL."""
+    from ray_sft import jobs
+
+    try:
+        return jobs.dashboard_url(address)
+    except jobs.JobsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _dashboard_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", required=True, type=_dashboard,
+                        help="the head's dashboard URL, e.g. http://HEAD:8265")
+
+
+def _prompt(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the prompt is empty")
+    return text
+
+
+def _generation_flags(parser: argparse.ArgumentParser) -> None:
+    from ray_sft.spec import GenerationSpec
+
+    recipe = GenerationSpec()  # the spec's defaults, named in the help; the adapter's run spec may differ
+
+    def run_default(name: str) -> str:
+        return f"default: the adapter's run spec, generation.{name} (spec default {getattr(recipe, name)})"
+
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="tokens to generate at most; " + run_default("max_new_tokens"))
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="> 1 discourages repeats; " + run_default("repetition_penalty"))
+    parser.add_argument("--temperature", type=float, default=None, help="> 0 samples; default: greedy")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling with --temperature; "
+                                                                  + run_default("top_p"))
+
+
 def _serving_verbs(verbs) -> None:
-    generate = verbs.add_parser("generate", help="the recipe's inference with an adapter, locally (no Ray)")
-    generate.add_argument("prompt", help="the instruction; it is rendered with the run's inference template")
+    generate = _verb(verbs, "generate", "the recipe's inference with an adapter, locally (no Ray)",
+                     "Loads the base as trained (4-bit) with the adapter and answers one instruction, rendered with "
+                     "the run's inference template.",
+                     'ray-sft generate --adapter runs/quickstart/adapter "時間管理能力をあげるには?"')
+    generate.add_argument("prompt", type=_prompt,
+                          help="the instruction; it is rendered with the run's inference template")
     generate.add_argument("--adapter", required=True, help="adapter folder (e.g. runs/NAME/adapter)")
     generate.add_argument("--base", default=None, help="base model; default: the one recorded in the adapter")
     generate.add_argument("--merge", action="store_true", help="fold the adapter into a dense copy of the base")
-    generate.add_argument("--max-new-tokens", type=int, default=None)
-    generate.add_argument("--repetition-penalty", type=float, default=None)
-    generate.add_argument("--temperature", type=float, default=None, help="> 0 samples; default: greedy")
-    generate.add_argument("--top-p", type=float, default=None)
+    _generation_flags(generate)
 
-    serve = verbs.add_parser("serve", help="OpenAI-compatible adapter serving on Ray Serve")
+    serve = _verb(verbs, "serve", "OpenAI-compatible adapter serving on Ray Serve",
+                  "Serves a job's best (or final) adapter, or adapters named with --adapter, at /v1 (models, "
+                  "completions, chat completions); Ctrl-C stops.",
+                  "ray-sft serve --adapter quickstart=runs/quickstart/adapter")
     serve.add_argument("spec", nargs="?", help="job spec: serve its run's best (or final) adapter")
     serve.add_argument("overrides", nargs="*", metavar="key.path=value",
                        help="override spec fields (with --adapter: the adapter's run spec)")
-    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="repeatable")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                       help="serve the adapter folder PATH as model NAME (repeatable)")
     serve.add_argument("--base", default=None, help="base model; default: the one recorded in the adapters")
     serve.add_argument("--host", default=None, help="default: serve.host (127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="default: serve.port (8000)")
@@ -46,66 +122,95 @@ def _serving_verbs(verbs) -> None:
 
 
 def _pipeline_verbs(verbs) -> None:
-    run = verbs.add_parser("run", help="the whole pipeline: tune (spec has tune.search_space) or train, then serve "
-                                       "the winner and print its URL and one sample completion")
+    run = _verb(verbs, "run", "the whole pipeline: tune or train, serve the winner, print one sample",
+                "Tunes when the spec has tune.search_space (else trains), serves the best adapter, prints its URL "
+                "and the served completion of generation.sample_prompts[0], then removes the app and ends.",
+                "ray-sft run jobs/quickstart-tune.yaml")
     _spec_args(run)
     _address_arg(run)
+    _verbose_arg(run)
     serving = run.add_mutually_exclusive_group()
     serving.add_argument("--no-serve", action="store_true", help="stop after training/tuning")
     serving.add_argument("--keep-serving", action="store_true",
                          help="keep the app up after the sample until Ctrl-C (default: remove it and end)")
 
-    submit = verbs.add_parser("submit", help="submit `ray-sft train|tune|run` to a cluster via the Ray Jobs API")
+    submit = _verb(verbs, "submit", "submit `ray-sft train|tune|run` to a cluster via the Ray Jobs API",
+                   "Validates the spec here, uploads this project as the job's working dir and runs the verb "
+                   "there; prints the job id.",
+                   "ray-sft submit jobs/quickstart.yaml --address http://HEAD:8265 run --follow")
     submit.add_argument("spec", help="job spec YAML inside this project (the project is the job's working dir)")
     submit.add_argument("overrides", nargs="*", metavar="[train|tune|run] key.path=value",
                         help="the verb to run (default: train), then spec overrides")
-    submit.add_argument("--address", required=True, help="the head's dashboard, e.g. http://HEAD:8265")
+    _dashboard_arg(submit)
     submit.add_argument("--env", action="append", default=[], metavar="NAME",
                         help="pass this environment variable's value to the job by name (repeatable)")
     submit.add_argument("--pip", action="append", default=[], metavar="REQ",
                         help="pip requirement installed for the job (repeatable); default: the cluster's image")
     submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
 
-    jobs = verbs.add_parser("jobs", help="list, status, logs, stop jobs on a cluster")
-    jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jobs = _verb(verbs, "jobs", "list, status, logs, stop jobs on a cluster",
+                 "Talks to the head's dashboard with Ray's auth token (RAY_AUTH_TOKEN or ~/.ray/auth_token).",
+                 "ray-sft jobs logs raysubmit_XXXX --address http://HEAD:8265 --follow")
+    jobs.add_argument("action", choices=["list", "status", "logs", "stop"], help="what to do")
     jobs.add_argument("job_id", nargs="?", help="the id `submit` printed (all but list)")
-    jobs.add_argument("--address", required=True, help="the head's dashboard, e.g. http://HEAD:8265")
+    _dashboard_arg(jobs)
     jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
 
 
 def _publish_verbs(verbs) -> None:
-    push = verbs.add_parser("push", help="adapter + tokenizer + model card to the Hugging Face Hub (HF_TOKEN)")
+    push = _verb(verbs, "push", "adapter + tokenizer + model card to the Hugging Face Hub",
+                 "The token is read from the HF_TOKEN environment variable only (missing: exit 2).",
+                 "HF_TOKEN=... ray-sft push --adapter runs/quickstart/adapter --repo me/tiny-ja --private")
     push.add_argument("--adapter", required=True, help="adapter folder (e.g. runs/NAME/adapter)")
     push.add_argument("--repo", default=None, help="OWNER/NAME (default: the run's output.hub_repo)")
     visibility = push.add_mutually_exclusive_group()
-    visibility.add_argument("--private", dest="private", action="store_true", default=None)
-    visibility.add_argument("--public", dest="private", action="store_false")
+    visibility.add_argument("--private", dest="private", action="store_true", default=None,
+                            help="a private repo (default: the run's output.hub_private, private unless set)")
+    visibility.add_argument("--public", dest="private", action="store_false", help="a public repo")
     push.add_argument("--dry-run", metavar="OUT", default=None,
                       help="write exactly the files that would be uploaded to OUT and list them; upload nothing")
 
-    export = verbs.add_parser("export", help="merge the adapter into the unquantized base; check server support")
+    export = _verb(verbs, "export", "merge the adapter into the unquantized base; check server support",
+                   "Always checks for adapter features other LoRA servers reject; --merge OUT saves a model plain "
+                   "transformers loads.",
+                   "ray-sft export --adapter runs/quickstart/adapter --merge merged/")
     export.add_argument("--adapter", required=True, help="adapter folder")
     export.add_argument("--merge", metavar="OUT", default=None, help="save base + merged adapter to OUT")
     export.add_argument("--base", default=None, help="base model; default: the one recorded in the adapter")
-    export.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    export.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                        help="dtype of the merged weights")
     export.add_argument("--max-rank", type=int, default=None, help="the target server's max LoRA rank (default 16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ray-sft", description=__doc__)
-    verbs = parser.add_subparsers(dest="verb", required=True)
+    from ray_sft import __version__
 
-    validate = verbs.add_parser("validate", help="check a job spec and print it resolved")
+    parser = argparse.ArgumentParser(prog="ray-sft", description=DESCRIPTION, epilog=FIRST_STEPS,
+                                     formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"ray-sft {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    validate = _verb(verbs, "validate", "check a job spec and its data, print the spec resolved",
+                     "Prints every spec error at once with its dotted path, then opens the data: usable rows and "
+                     "token lengths, or the problem (exit 2). Starts no cluster.",
+                     "ray-sft validate jobs/quickstart.yaml training.learning_rate=1e-3")
     _spec_args(validate)
 
-    train = verbs.add_parser("train", help="distributed QLoRA SFT on Ray Train")
+    train = _verb(verbs, "train", "distributed QLoRA SFT on Ray Train",
+                  "Checks the data, then trains scaling.num_workers workers; the adapter goes to <run>/adapter.",
+                  "ray-sft train jobs/quickstart.yaml training.max_steps=4")
     _spec_args(train)
     _address_arg(train)
+    _verbose_arg(train)
     train.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint")
 
-    tune = verbs.add_parser("tune", help="hyperparameter search on Ray Tune (the spec's tune section)")
+    tune = _verb(verbs, "tune", "hyperparameter search on Ray Tune (the spec's tune section)",
+                 "Runs the spec's tune.search_space as trials (ASHA by default); writes trials.csv, trials.png, "
+                 "best.json and best/adapter under the run folder.",
+                 "ray-sft tune jobs/quickstart-tune.yaml tune.num_samples=2")
     _spec_args(tune)
     _address_arg(tune)
+    _verbose_arg(tune)
     tune.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials stay")
     _serving_verbs(verbs)
     _pipeline_verbs(verbs)
@@ -147,19 +252,44 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def check_data(job, file=None) -> None:
+    """The data checks that need no cluster, before any starts: a bad source is exit 2 within seconds."""
+    from ray_sft import data
+    from ray_sft.console import say
+
+    rows = data.check_source(job.data)
+    if rows is None:
+        say(f"data: Hub dataset {job.data.source} (split {job.data.split}); read when the run starts", file)
+        return
+    from ray_sft import modeling
+
+    try:
+        tokenizer = modeling.load_tokenizer(modeling.resolve_model_path(job), job.model)
+    except OSError as exc:  # a Hub tokenizer offline: the run itself will say so; the rows are checked
+        say(f"data: {job.data.source}: {len(rows)} rows; token lengths not checked ({exc})", file)
+        return
+    examples = data.format_rows(rows, job.data, job.prompt, tokenizer, job.training.max_length)
+    say(f"data: {job.data.source}: {data.describe(examples, job.training.max_length)}", file)
+
+
 def cmd_validate(args) -> int:
     from ray_sft import spec
 
-    print(spec.to_yaml(spec.load(args.spec, args.overrides)), end="")
+    job = spec.load(args.spec, args.overrides)
+    print(spec.to_yaml(job), end="", flush=True)
+    check_data(job, sys.stderr)  # stdout stays the resolved spec, YAML a later command can read
     return 0
 
 
 def cmd_train(args) -> int:
-    from ray_sft import cluster, spec, train
+    from ray_sft import spec
 
     job = spec.load(args.spec, args.overrides)
+    check_data(job)
+    from ray_sft import cluster, console, train  # imports Ray: only once the input is known to be good
+
     try:
-        with cluster.connect(args.address):
+        with console.quiet(job.run_dir, args.verbose), cluster.connect(args.address):
             outcome = train.fit(job, resume=args.resume)
     except train.TrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -171,12 +301,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from ray_sft import cluster, spec, train, tune
+    from ray_sft import cluster, console, spec, train, tune
 
     job = spec.load(args.spec, args.overrides)
     tune.check(job)  # spec errors (exit 2) before connecting to Ray or starting any trial
+    check_data(job)
     try:
-        with cluster.connect(args.address):
+        with console.quiet(job.run_dir, args.verbose), cluster.connect(args.address):
             outcome = tune.search(job, resume=args.resume)
     except (tune.TuneError, train.TrainError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -232,12 +363,15 @@ def cmd_serve(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from ray_sft import pipeline, spec, train, tune
+    from ray_sft import console, pipeline, spec, train, tune
 
     job = spec.load(args.spec, args.overrides)
     serving = "none" if args.no_serve else "keep" if args.keep_serving else "sample"
+    pipeline.check(job, serving)
+    check_data(job)
     try:
-        pipeline.run(job, args.address, serving, say=lambda line: print(line, flush=True))
+        with console.quiet(job.run_dir, args.verbose):
+            pipeline.run(job, args.address, serving, say=console.show)
     except (pipeline.PipelineError, tune.TuneError, train.TrainError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -247,10 +381,8 @@ def cmd_run(args) -> int:
 def cmd_submit(args) -> int:
     from ray_sft import jobs
 
-    verb, overrides = "train", list(args.overrides)
-    if overrides and overrides[0] in jobs.VERBS:
-        verb = overrides.pop(0)
     try:
+        verb, overrides = jobs.split_verb(args.overrides)
         job_id = jobs.submit(args.address, args.spec, verb, overrides, args.env, args.pip)
         print(job_id, flush=True)
         if args.follow:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,8 @@ log = logging.getLogger(__name__)
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 REQUIRED_COLUMNS = ("instruction", "response")
+# owner/name or name, as the Hub accepts them (letters, digits, '-', '_', '.').
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 class DataError(ValueError):
@@ -30,6 +34,7 @@ class Examples:
     train: list[dict]  # {"text": str, "row": int} with row = index in the source after max_rows
     eval: list[dict]
     skipped: Counter = field(default_factory=Counter)  # reason -> count, for rows dropped by on_bad_rows=skip
+    lengths: list[int] = field(default_factory=list)  # tokens of every kept row before truncation (train + eval)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -38,12 +43,17 @@ class Examples:
 
 def read_rows(data: DataSpec) -> list[dict]:
     """Rows of a local file or a Hub dataset, first `max_rows` only."""
-    path = Path(data.source)
-    if path.suffix.lower() in LOCAL_FORMATS or path.exists():
-        rows = read_file(path)
+    if is_local(data.source):
+        rows = read_file(Path(data.source))
     else:
         rows = _read_hub(data.source, data.split, data.max_rows)
     return rows[: data.max_rows] if data.max_rows else rows
+
+
+def is_local(source: str) -> bool:
+    """A file path (a known suffix, or anything that exists) rather than a Hub dataset id."""
+    path = Path(source)
+    return path.suffix.lower() in LOCAL_FORMATS or path.exists()
 
 
 def read_file(path: Path) -> list[dict]:
@@ -142,6 +152,7 @@ def format_rows(rows: list[dict], data: DataSpec, prompt: PromptSpec, tokenizer,
     """Validate every row, render it with the template + EOS, enforce max_length, split train/eval."""
     eos = tokenizer.eos_token if prompt.append_eos else ""
     kept: list[dict] = []
+    lengths: list[int] = []
     skipped: Counter = Counter()
     errors: list[str] = []
     for index, row in enumerate(rows):
@@ -151,6 +162,7 @@ def format_rows(rows: list[dict], data: DataSpec, prompt: PromptSpec, tokenizer,
             length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
             if length <= max_length or data.on_bad_rows == "truncate":
                 kept.append({"text": text, "row": index})
+                lengths.append(length)
                 continue
             problem = ("response", f"too long: {length} tokens with the template > training.max_length {max_length}")
         column, reason = problem
@@ -159,15 +171,21 @@ def format_rows(rows: list[dict], data: DataSpec, prompt: PromptSpec, tokenizer,
         else:
             errors.append(f"row {index}, column {column!r}: {reason}")
     if errors:
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise DataError(f"data.source: {len(errors)} bad row(s) in {data.source} "
-                        "(data.on_bad_rows: skip drops them):\n  " + "\n  ".join(errors[:20]) + more)
+        raise _bad_rows_error(data.source, errors)
     if skipped:
         log.warning("skipped %d bad row(s): %s", sum(skipped.values()),
                     ", ".join(f"{n} x {why}" for why, n in skipped.most_common()))
     if not kept:
         raise DataError(f"data.source: no usable rows in {data.source}")
-    return split_examples(kept, data.eval_rows, data.seed, skipped)
+    examples = split_examples(kept, data.eval_rows, data.seed, skipped)
+    examples.lengths = lengths
+    return examples
+
+
+def _bad_rows_error(source: str, errors: list[str]) -> DataError:
+    more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+    return DataError(f"data.source: {len(errors)} bad row(s) in {source} "
+                     "(data.on_bad_rows: skip drops them):\n  " + "\n  ".join(errors[:20]) + more)
 
 
 def split_examples(examples: list[dict], eval_rows: int, seed: int, skipped: Counter | None = None) -> Examples:
@@ -182,6 +200,46 @@ def split_examples(examples: list[dict], eval_rows: int, seed: int, skipped: Cou
         eval=[e for i, e in enumerate(examples) if i in eval_ids],
         skipped=skipped or Counter(),
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pre-flight: what can be known about the data before any cluster starts
+
+
+def check_source(data: DataSpec) -> list[dict] | None:
+    """The rows of a local source after the checks that need no tokenizer (it exists, parses, is not empty, has
+    the template's columns; with on_bad_rows error/truncate, no malformed row); None for a Hub id, which is only
+    checked for form here (downloading it is the run's job)."""
+    if not is_local(data.source):
+        if not HUB_ID.match(data.source):
+            raise DataError(f"data.source: {data.source!r} is neither an existing file nor a Hub dataset id "
+                            "(owner/name)")
+        return None
+    rows = read_rows(data)
+    if not rows:
+        raise DataError(f"data.source: {data.source}: no rows (the file is empty)")
+    found = sorted({column for row in rows for column in row})
+    missing = [column for column in REQUIRED_COLUMNS if column not in found]
+    if missing:
+        raise DataError(f"data.source: {data.source}: no {', '.join(map(repr, missing))} column in any row; "
+                        f"the file has columns {', '.join(found)}; the templates need {', '.join(REQUIRED_COLUMNS)} "
+                        "(context optional): rename the columns")
+    if data.on_bad_rows != "skip":
+        errors = [f"row {i}, column {p[0]!r}: {p[1]}" for i, row in enumerate(rows) if (p := row_problem(row))]
+        if errors:
+            raise _bad_rows_error(data.source, errors)
+    return rows
+
+
+def describe(examples: Examples, max_length: int) -> str:
+    """One line: usable rows, the split, and the token lengths against max_length."""
+    lengths = examples.lengths
+    over = sum(length > max_length for length in lengths)
+    skipped = sum(examples.skipped.values())
+    return (f"{len(examples.train) + len(examples.eval)} usable rows ({len(examples.train)} train, "
+            f"{len(examples.eval)} eval{f', {skipped} skipped' if skipped else ''}); tokens per row "
+            f"min {min(lengths)} / median {statistics.median(lengths):g} / max {max(lengths)}, "
+            f"{over} over training.max_length {max_length}{' (truncated)' if over else ''}")
 
 
 def load_examples(spec: JobSpec, tokenizer) -> Examples:

@@ -48,6 +48,26 @@ class JobRow:
 # Connecting (token auth)
 
 
+def dashboard_url(address: str) -> str:
+    """The address when it is the head's dashboard URL; anything else is refused at once. (Ray's client takes an
+    address without a scheme for a cluster's GCS address and spends tens of seconds looking for it.)"""
+    if address.startswith(("http://", "https://")):
+        return address
+    host = address.partition("://")[2] or address
+    raise JobsError(f"{address!r} is not a dashboard URL: give the head's dashboard with its scheme, "
+                    f"e.g. http://{host or 'HEAD:8265'} (the dashboard's default port is 8265)")
+
+
+def split_verb(words: list[str]) -> tuple[str, list[str]]:
+    """`[train|tune|run] k=v ...` -> (verb, overrides); the verb defaults to train."""
+    if not words or "=" in words[0]:
+        return "train", list(words)
+    if words[0] not in VERBS:
+        raise JobsError(f"submit: {words[0]!r} is neither a verb submit takes ({', '.join(VERBS)}) nor a "
+                        "section.field=value override")
+    return words[0], list(words[1:])
+
+
 def auth_token() -> tuple[str | None, str]:
     """(token, where it came from) the way Ray looks for it; (None, reason) when there is none to send."""
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":

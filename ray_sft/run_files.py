@@ -11,6 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ray_sft.console import show
 from ray_sft.spec import JobSpec, to_yaml
 
 METRICS = "metrics.jsonl"
@@ -78,8 +79,9 @@ def _user_callback_base():
 class MetricsCallback(_user_callback_base()):
     """Runs in the Ray Train controller: appends rank 0's report to metrics.jsonl and prints a progress line."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, echo: bool = True):
         self.run_dir = run_dir
+        self.echo = echo  # off in a tune trial, whose progress the search prints per trial
         self.started = time.monotonic()
 
     def after_report(self, run_context, metrics, checkpoint):
@@ -89,7 +91,8 @@ class MetricsCallback(_user_callback_base()):
             record["checkpoint"] = checkpoint.path
         with open(Path(self.run_dir) / METRICS, "a", encoding="utf-8") as out:
             out.write(json.dumps(record) + "\n")
-        print(progress_line(record, self.started), flush=True)
+        if self.echo:
+            show(progress_line(record, self.started))
 
 
 def export_adapter(checkpoint, run_dir: Path, spec: JobSpec, base_model: str, metrics: dict,

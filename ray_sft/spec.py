@@ -430,10 +430,21 @@ def load(path: str | Path, overrides: list[str] = ()) -> JobSpec:
     try:
         data = _load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise SpecError([f"{path}: not valid YAML ({exc})"]) from None
+        raise SpecError([_yaml_error(path, exc)]) from None
     spec = from_dict(apply_overrides(data, list(overrides)), default_name=path.stem)
     spec.data.source = _resolve_local(spec.data.source, path.parent)
     return spec
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """`file:line:column: problem`, as editors and compilers say it (PyYAML counts from 0 and names no file)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start:
+        context += f" that starts at line {start.line + 1}, column {start.column + 1}"
+    return f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
 
 
 def _resolve_local(source: str, base: Path) -> str:

@@ -411,7 +411,6 @@ def fit(spec: JobSpec, resume: bool = False, trial: bool = False,
     from ray_sft import data, modeling
 
     run_dir = spec.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     model_path = modeling.resolve_model_path(spec)
     tokenizer = modeling.load_tokenizer(model_path, spec.model)
     examples = data.load_examples(spec, tokenizer)
@@ -423,11 +422,12 @@ def fit(spec: JobSpec, resume: bool = False, trial: bool = False,
     if left_out:
         log.warning("%d of %d train rows left out per epoch so %d workers get equal shards",
                     left_out, len(examples.train), spec.scaling.num_workers)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves no empty folder
     run_name = run_files.ray_run_name(run_dir, resume)
     run_files.write_spec(run_dir, spec)
     if not resume:
         run_files.reset_run_outputs(run_dir)
-    callbacks = [run_files.MetricsCallback(str(run_dir))]
+    callbacks = [run_files.MetricsCallback(str(run_dir), echo=not trial)]
     if trial:
         callbacks.append(_tune_report_callback(spec.tune.metric, spec.tune.mode))
     datasets_ = {"train": ray.data.from_items(examples.train)}

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray_sft import run_files
+from ray_sft.console import show
 from ray_sft.spec import JobSpec, SpecError, with_values
 
 DRIVER_CPU = 0.01
@@ -141,13 +142,13 @@ def search(spec: JobSpec, resume: bool = False) -> TuneOutcome:
 
     check(spec)
     run_dir = spec.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     share = trial_share(spec, ray.cluster_resources())
     modeling.resolve_model_path(spec)  # builds the tiny model once here, not in concurrent trials
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a search refused above leaves no empty folder
     run_name = run_files.ray_run_name(run_dir, resume)
     run_files.write_spec(run_dir, spec)
-    print(f"[ray-sft tune] {trial_count(spec)} trial(s), {share.concurrent} at once, each {share.cpus:g} CPU"
-          + (f" + {share.gpus:g} GPU" if share.use_gpu else ""), flush=True)
+    show(f"[ray-sft tune] {trial_count(spec)} trial(s), {share.concurrent} at once, each {share.cpus:g} CPU"
+         + (f" + {share.gpus:g} GPU" if share.use_gpu else ""))
     tuner = _tuner(spec, run_dir, run_name, share, resume)
     grid = tuner.fit()
     return collect(spec, run_dir, grid)
@@ -232,14 +233,14 @@ class ProgressLines(_progress_callback_base()):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         values = ", ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
         shown = {k: result[k] for k in ("step", "max_steps", "eval_loss", "loss") if k in result}
-        print(f"[ray-sft tune] {trial.trial_id} ({values}) step {shown.get('step', '?')}/{shown.get('max_steps', '?')}"
-              + "".join(f" | {k} {v:.4f}" for k, v in shown.items() if k in ("eval_loss", "loss")), flush=True)
+        show(f"[ray-sft tune] {trial.trial_id} ({values}) step {shown.get('step', '?')}/{shown.get('max_steps', '?')}"
+             + "".join(f" | {k} {v:.4f}" for k, v in shown.items() if k in ("eval_loss", "loss")))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        print(f"[ray-sft tune] {trial.trial_id} finished", flush=True)
+        show(f"[ray-sft tune] {trial.trial_id} finished")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"[ray-sft tune] {trial.trial_id} FAILED (see {trial.local_path}/error.txt)", flush=True)
+        show(f"[ray-sft tune] {trial.trial_id} FAILED (see {trial.local_path}/error.txt)")
 
 
 def _short(value) -> str:
@@ -255,7 +256,8 @@ def collect(spec: JobSpec, run_dir: Path, grid) -> TuneOutcome:
     rows = [trial_row(spec, run_dir, result) for result in grid]
     rows.sort(key=lambda r: r["trial_id"])
     write_table(run_dir, rows)
-    plot_trials(run_dir, rows, spec.tune.metric)
+    plot = plot_trials(run_dir, rows, spec.tune.metric)
+    show(f"[ray-sft tune] table: {run_dir / 'trials.csv'}; plot: {plot}")
     best = export_best(spec, run_dir, rows)
     return TuneOutcome(run_dir, rows, best, [r["trial_id"] for r in rows if r["status"] == "ERROR"])
 
@@ -291,7 +293,7 @@ def write_table(run_dir: Path, rows: list[dict]) -> None:
     table = pd.DataFrame(rows)
     table.to_csv(run_dir / "trials.csv", index=False)
     (run_dir / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
-    print(table.drop(columns=["checkpoint"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
+    show(table.drop(columns=["checkpoint"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 
 def plot_trials(run_dir: Path, rows: list[dict], metric: str) -> Path:

@@ -339,3 +339,36 @@ def test_load_examples_on_quickstart(tmp_path, tokenizer, bundled_rows):
 def test_count_tokens(tokenizer):
     counts = data_mod.count_tokens(["", "質問です", "質問です質問です"], tokenizer)
     assert counts[0] == 0 and 0 < counts[1] < counts[2]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pre-flight (no tokenizer, no Ray)
+
+
+def test_check_source_names_found_and_expected_columns(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_text("question,answer\nq,a\n", encoding="utf-8")
+    with pytest.raises(DataError, match="has columns answer, question; the templates need instruction, response"):
+        data_mod.check_source(DataSpec(source=str(path)))
+
+
+def test_check_source_skip_leaves_malformed_rows_to_the_policy(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row()) + "\n" + json.dumps({"instruction": "x"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="row 1, column 'response': missing"):
+        data_mod.check_source(DataSpec(source=str(path)))
+    assert len(data_mod.check_source(DataSpec(source=str(path), on_bad_rows="skip"))) == 2
+
+
+def test_check_source_hub_id_is_checked_for_form_only():
+    assert data_mod.check_source(DataSpec(source="llm-jp/databricks-dolly-15k-ja")) is None
+    with pytest.raises(DataError, match="neither an existing file nor a Hub dataset id"):
+        data_mod.check_source(DataSpec(source="two words"))
+
+
+def test_describe_counts_rows_and_token_lengths(tokenizer):
+    examples = fmt([row(), row(response="長い" * 50), row()], tokenizer, max_length=20, eval_rows=1,
+                   on_bad_rows="truncate")
+    line = data_mod.describe(examples, 20)
+    assert line.startswith("3 usable rows (2 train, 1 eval); tokens per row min ")
+    assert line.endswith("over training.max_length 20 (truncated)")

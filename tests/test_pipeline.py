@@ -40,3 +40,20 @@ def test_run_checks_before_starting_anything(tmp_path):
     with pytest.raises(spec.SpecError, match="generation.sample_prompts"):
         pipeline.run(job)
     assert not (tmp_path / "quickstart").exists()
+
+
+def test_the_readme_quickstart_searches_serves_the_winner_and_prints_a_sample(tmp_path, capsys):
+    import re
+
+    from tests.conftest import REPO
+
+    (spec_file,) = re.findall(r"ray-sft run (jobs/\S+\.yaml)", (REPO / "scripts" / "quickstart.sh").read_text())
+    assert f"ray-sft run {spec_file}" in (REPO / "README.md").read_text()
+    code = cli.main(["run", str(REPO / spec_file), f"output.dir={tmp_path}", f"serve.port={_free_port()}"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    run_dir = tmp_path / spec.load(REPO / spec_file).output.name
+    assert len((run_dir / "trials.csv").read_text().splitlines()) == 1 + 4
+    assert (run_dir / "best" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "stopped_early" in out and "[ray-sft tune] table: " in out
+    assert re.search(r"sample completion: .+", out)

@@ -1,0 +1,226 @@
+"""The CLI as a user meets it, in subprocesses: pre-flight data checks before any cluster, help pages, errors."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import QUICKSTART, REPO
+
+# Runs the CLI, then says on stderr whether Ray was ever imported: a verb that never imports ray never starts it.
+PROBE = ("import sys; from ray_sft.cli import main; code = main(sys.argv[1:]); "
+         "print('ray imported' if 'ray' in sys.modules else 'ray never imported', file=sys.stderr); sys.exit(code)")
+
+
+def ray_sft(*argv: str, timeout: float = 60, probe: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-c", PROBE, *argv] if probe else [sys.executable, "-m", "ray_sft.cli", *argv]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pre-flight: bad data is exit 2 within seconds, names the problem, writes nothing and starts no Ray
+
+
+BAD_DATA = {
+    "missing.jsonl": (None, "no such file"),
+    "qa.csv": ("question,answer\nq1,a1\nq2,a2\n",
+               "the file has columns answer, question; the templates need instruction, response"),
+    "no-response.jsonl": ('{"instruction": "a", "response": "b"}\n{"instruction": "c"}\n',
+                          "row 1, column 'response': missing"),
+    "empty.jsonl": ("", "no rows"),
+    "broken.jsonl": ('{"instruction": "a",\n', "line 1: invalid JSON"),
+}
+
+
+@pytest.mark.parametrize("verb", ["validate", "train"])
+@pytest.mark.parametrize("name", list(BAD_DATA))
+def test_bad_data_fails_before_ray(tmp_path, name, verb):
+    content, message = BAD_DATA[name]
+    if content is not None:
+        (tmp_path / name).write_text(content, encoding="utf-8")
+    started = time.monotonic()
+    result = ray_sft(verb, str(QUICKSTART), f"data.source={tmp_path / name}", f"output.dir={tmp_path / 'runs'}",
+                     probe=True)
+    assert time.monotonic() - started < 10
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    # Ray cannot start in a process that never imported it (other sessions' clusters come and go in /tmp, so
+    # counting Ray's folders or raylets would be racy).
+    assert "ray never imported" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_hub_id_must_be_well_formed():
+    result = ray_sft("validate", str(QUICKSTART), "data.source=not a dataset id!", probe=True)
+    assert result.returncode == 2 and "neither an existing file nor a Hub dataset id" in result.stderr
+    assert "ray never imported" in result.stderr
+
+
+def test_validate_reports_rows_and_token_lengths():
+    result = ray_sft("validate", str(QUICKSTART), probe=True)
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("[ray-sft] data:")]
+    assert "336 usable rows (304 train, 32 eval)" in line
+    assert "tokens per row min 86 / median 150 / max 340, 0 over training.max_length 512" in line
+    assert "ray never imported" in result.stderr
+
+
+def test_too_long_rows_fail_validate_unless_truncated():
+    result = ray_sft("validate", str(QUICKSTART), "training.max_length=128")
+    assert result.returncode == 2 and "row 0, column 'response': too long: 300 tokens" in result.stderr
+    result = ray_sft("validate", str(QUICKSTART), "training.max_length=128", "data.on_bad_rows=truncate")
+    assert result.returncode == 0 and "245 over training.max_length 128 (truncated)" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A CLI that explains itself
+
+
+def _verb_parsers():
+    from ray_sft import cli
+
+    parser = cli.build_parser()
+    (verbs,) = [a for a in parser._actions if a.dest == "verb"]
+    return parser, verbs.choices
+
+
+def test_version():
+    from ray_sft import __version__
+
+    result = ray_sft("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"ray-sft {__version__}"
+
+
+def test_top_help_is_for_users():
+    result = ray_sft("--help")
+    assert result.returncode == 0
+    assert "parses argv" not in result.stdout
+    assert "ray-sft run jobs/quickstart-tune.yaml" in result.stdout
+
+
+def test_every_verb_has_a_description_an_example_and_help_for_every_flag():
+    from ray_sft import cli
+
+    _, verbs = _verb_parsers()
+    assert set(verbs) == set(cli.VERBS)
+    for name, parser in verbs.items():
+        assert len(parser.description) > len(name) + 40, name
+        assert parser.epilog.startswith("example:\n  ") and f"ray-sft {name} " in parser.epilog, name
+        assert parser.epilog in parser.format_help()
+        for action in parser._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest}: no help"
+            shown = parser._get_formatter()._get_help_string(action)
+            if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+                assert "default" in shown, f"{name} {action.option_strings}: default not shown"
+
+
+def test_push_help_names_hf_token():
+    result = ray_sft("push", "--help")
+    assert result.returncode == 0 and "HF_TOKEN" in result.stdout and "--private" in result.stdout
+
+
+def test_yaml_error_names_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name_or_path: tiny\ntraining:\n   epochs: 1\n  bad: [1\n", encoding="utf-8")
+    result = ray_sft("validate", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}:5:" in result.stderr and "<unicode string>" not in result.stderr
+
+
+def test_empty_prompt_is_an_error():
+    result = ray_sft("generate", "--adapter", "nowhere", "  ")
+    assert result.returncode == 2 and "the prompt is empty" in result.stderr
+
+
+def test_submit_names_the_verbs_it_takes():
+    result = ray_sft("submit", str(QUICKSTART), "--address", "http://127.0.0.1:1", "serve")
+    assert result.returncode == 2
+    assert "'serve' is neither a verb submit takes (train, tune, run)" in result.stderr
+
+
+@pytest.mark.parametrize("argv", [("submit", str(QUICKSTART)), ("jobs", "list")])
+def test_address_without_scheme_is_refused_at_once(argv):
+    started = time.monotonic()
+    result = ray_sft(*argv, "--address", "127.0.0.1:1", timeout=30)
+    assert time.monotonic() - started < 5
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "http://127.0.0.1:1" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A quiet console
+
+
+QUIET_PROBE = """
+import logging, os, sys, warnings
+from pathlib import Path
+from ray_sft import console
+logging.basicConfig(level=logging.INFO)
+with console.quiet(Path(sys.argv[1]), verbose=sys.argv[2] == "1"):
+    print("library print")
+    os.write(2, b"fd-level noise\\n")
+    warnings.warn("old api", FutureWarning)
+    logging.getLogger("transformers").info("library info")
+    logging.getLogger("ray_sft.train").warning("left out 3 rows")
+    console.show("[ray-sft] step 1/2")
+print("after")
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_quiet_console_keeps_only_own_lines(tmp_path, verbose):
+    result = subprocess.run([sys.executable, "-c", QUIET_PROBE, str(tmp_path), "1" if verbose else "0"],
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    console = result.stdout + result.stderr
+    assert "[ray-sft] step 1/2" in console and "left out 3 rows" in console and "after" in console
+    noise = ("library print", "fd-level noise", "FutureWarning", "library info")
+    if verbose:
+        assert all(line in console for line in noise)
+        assert not (tmp_path / "logs").exists()
+    else:
+        assert not any(line in console for line in noise)
+        assert f"{tmp_path / 'logs' / 'console.log'}" in console  # says where the rest went
+        logged = (tmp_path / "logs" / "console.log").read_text()
+        assert all(line in logged for line in noise)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_quickstart_console_is_short_and_library_output_is_in_the_logs(tmp_path):
+    result = ray_sft("run", str(QUICKSTART), f"output.dir={tmp_path}", f"serve.port={_free_port()}", timeout=600)
+    console = result.stdout + result.stderr
+    assert result.returncode == 0, console
+    lines = console.splitlines()
+    assert len(lines) <= 40, console
+    assert "sample completion: " in console and "[ray-sft] done: " in console
+    for noise in ("TrainingReport(", "FutureWarning", "Running Dataset", "it/s]", "INFO", "(RayTrainWorker"):
+        assert noise not in console, noise
+    logged = (tmp_path / "quickstart" / "logs" / "console.log").read_text()
+    assert "TrainingReport(" in logged and "(RayTrainWorker" in logged
+
+
+@pytest.mark.slow
+def test_verbose_shows_library_output(tmp_path):
+    from tests.conftest import FAST
+
+    result = ray_sft("train", str(QUICKSTART), f"output.dir={tmp_path}", *FAST, "-v", timeout=600)
+    console = result.stdout + result.stderr
+    assert result.returncode == 0, console
+    assert "TrainingReport(" in console and "(RayTrainWorker" in console
+    assert not (tmp_path / "quickstart" / "logs").exists()
