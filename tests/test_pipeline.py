@@ -42,15 +42,18 @@ def test_run_checks_before_starting_anything(tmp_path):
     assert not (tmp_path / "quickstart").exists()
 
 
-def test_the_readme_quickstart_searches_serves_the_winner_and_prints_a_sample(tmp_path, capsys):
+@pytest.mark.slow
+def test_the_readme_quickstart_searches_serves_the_winner_and_prints_a_sample(ray_cluster, tmp_path):
     import re
 
-    from tests.conftest import REPO
+    from ray import serve
+
+    from tests.conftest import REPO, free_port, run_cli
 
     (spec_file,) = re.findall(r"ray-sft run (jobs/\S+\.yaml)", (REPO / "scripts" / "quickstart.sh").read_text())
     assert f"ray-sft run {spec_file}" in (REPO / "README.md").read_text()
-    code = cli.main(["run", str(REPO / spec_file), f"output.dir={tmp_path}", f"serve.port={_free_port()}"])
-    out = capsys.readouterr().out
+    code, out = run_cli("run", str(REPO / spec_file), f"output.dir={tmp_path}", f"serve.port={free_port()}")
+    serve.shutdown()  # the run removed its app; its HTTP proxy would hold the port of later servers
     assert code == 0, out
     run_dir = tmp_path / spec.load(REPO / spec_file).output.name
     assert len((run_dir / "trials.csv").read_text().splitlines()) == 1 + 4
