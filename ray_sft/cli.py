@@ -21,6 +21,12 @@ def _address_arg(parser: argparse.ArgumentParser) -> None:
                         help="Ray cluster to join ('auto', 'ray://host:10001'); default: a private local cluster")
 
 
+def _remote_code_arg(parser: argparse.ArgumentParser) -> None:
+    # A flag, never a value read from the adapter's folder: the folder may come from someone else.
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the base model repo's own code (never taken from the adapter's run spec)")
+
+
 def _serving_verbs(verbs) -> None:
     generate = verbs.add_parser("generate", help="the recipe's inference with an adapter, locally (no Ray)")
     generate.add_argument("prompt", help="the instruction; it is rendered with the run's inference template")
@@ -31,6 +37,7 @@ def _serving_verbs(verbs) -> None:
     generate.add_argument("--repetition-penalty", type=float, default=None)
     generate.add_argument("--temperature", type=float, default=None, help="> 0 samples; default: greedy")
     generate.add_argument("--top-p", type=float, default=None)
+    _remote_code_arg(generate)
 
     serve = verbs.add_parser("serve", help="OpenAI-compatible adapter serving on Ray Serve")
     serve.add_argument("spec", nargs="?", help="job spec: serve its run's best (or final) adapter")
@@ -89,6 +96,7 @@ def _publish_verbs(verbs) -> None:
     export.add_argument("--base", default=None, help="base model; default: the one recorded in the adapter")
     export.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     export.add_argument("--max-rank", type=int, default=None, help="the target server's max LoRA rank (default 16)")
+    _remote_code_arg(export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +139,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ray_sft.data import DataError
     from ray_sft.spec import SpecError
 
     try:
@@ -139,12 +146,22 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (DataError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not _bad_input(exc):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _bad_input(exc: Exception) -> bool:
+    # Imported only once something failed: `generate` brings torch, which most verbs never need.
+    from ray_sft.data import DataError
+    from ray_sft.generate import AdapterError
+
+    return isinstance(exc, (DataError, AdapterError, FileNotFoundError))
 
 
 def cmd_validate(args) -> int:
@@ -195,7 +212,7 @@ def cmd_tune(args) -> int:
 def cmd_generate(args) -> int:
     from ray_sft import generate
 
-    loaded = generate.load(args.adapter, base=args.base, merge=args.merge)
+    loaded = generate.load(args.adapter, base=args.base, merge=args.merge, trust_remote_code=args.trust_remote_code)
     settings = generate.with_overrides(
         loaded.spec.generation, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
         do_sample=None if args.temperature is None else args.temperature > 0,
@@ -327,7 +344,7 @@ def cmd_export(args) -> int:
         if not args.merge:
             print("check: no problems" if not problems else "check: merge with --merge OUT to serve elsewhere")
             return EXIT_FAILED if problems else 0
-        out = publish.export_merged(args.adapter, args.merge, args.base, args.dtype)
+        out = publish.export_merged(args.adapter, args.merge, args.base, args.dtype, args.trust_remote_code)
     except publish.PublishError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -132,7 +132,8 @@ def check(adapter: str | Path, max_rank: int = DEFAULT_MAX_RANK) -> list[Problem
     return problems
 
 
-def export_merged(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "bfloat16") -> Path:
+def export_merged(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "bfloat16",
+                  trust_remote_code: bool = False) -> Path:
     """Base (unquantized, original weights) + adapter, merged in float32 and saved in `dtype` with the tokenizer.
 
     Merging into the original weights rather than the dequantized 4-bit ones gives the full-precision model with
@@ -147,7 +148,7 @@ def export_merged(adapter: str | Path, out: str | Path, base: str | None = None,
     if out.exists() and any(out.iterdir()):
         raise PublishError(f"{out}: exists and is not empty; give a new folder")
     base = base or generate.base_of(adapter)
-    spec = generate.run_spec(adapter)
+    spec = generate.run_spec(adapter, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(base, revision=spec.model.revision, dtype=torch.float32,
                                                  trust_remote_code=spec.model.trust_remote_code)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()

@@ -476,7 +476,8 @@ def targets(spec_path: str | None, overrides: list[str], adapter_args: list[str]
     """(settings, base, name -> adapter folder) from a job spec and/or NAME=PATH pairs.
 
     A job spec serves its run's tune winner (<run>/best/adapter) if there is one, else <run>/adapter, under
-    output.name; without one, the settings come from the first adapter's run folder. `overrides` apply either way.
+    output.name; without one, the settings come from the first adapter's run folder, except trust_remote_code
+    (false unless an override sets it). `overrides` apply either way.
     """
     from ray_sft import spec as spec_module
 
@@ -492,8 +493,8 @@ def targets(spec_path: str | None, overrides: list[str], adapter_args: list[str]
         adapters[name] = path
     if not adapters:
         raise ServeError("serve: give a job spec or --adapter NAME=PATH")
-    bases = {generate.base_of(path) for path in adapters.values()}
-    if base is None and len(bases) > 1:
+    bases = {base} if base else {generate.base_of(path) for path in adapters.values()}
+    if len(bases) > 1:
         raise ServeError(f"serve: the adapters were trained on different bases {sorted(bases)}; pick one with --base")
     job = job or spec_module.with_overrides(generate.run_spec(next(iter(adapters.values()))), overrides)
-    return job, base or bases.pop(), adapters
+    return job, bases.pop(), adapters
