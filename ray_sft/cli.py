@@ -318,7 +318,7 @@ def cmd_push(args) -> int:
 
     try:
         if args.dry_run:
-            files = publish.stage(args.adapter, args.dry_run)
+            files = publish.stage(args.adapter, args.dry_run, args.repo)
             print(f"dry run: would upload to {args.repo or '(output.hub_repo)'}: {len(files)} files in {args.dry_run}")
             print("\n".join(files))
             return 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from ray_sft import data, modeling
-from ray_sft.spec import GenerationSpec, JobSpec, from_dict, with_values
+from ray_sft.spec import GenerationSpec, JobSpec, from_dict, is_hub_id, with_values
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +78,7 @@ def base_of(adapter_dir: str | Path) -> str:
 
 
 def _usable_base(base) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not isinstance(base, str) or not base:
-        return False
-    if Path(base).is_dir():
-        return True
-    try:
-        validate_repo_id(base)
-    except HFValidationError:
-        return False
-    return True
+    return isinstance(base, str) and (Path(base).is_dir() or is_hub_id(base))
 
 
 # ---------------------------------------------------------------------------------------------------------------

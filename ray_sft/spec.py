@@ -38,6 +38,19 @@ NON_NEGATIVE = _check(lambda v: v >= 0, "must be >= 0")
 PROBABILITY = _check(lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
+def is_hub_id(ref: str) -> bool:
+    """Whether `ref` names a Hub repo (NAME or OWNER/NAME, as the Hub spells them) rather than a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(ref, str) or not ref or Path(ref).exists():
+        return False
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        return False
+    return True
+
+
 @dataclass
 class ModelSpec:
     # Hub id, local HF folder, or "tiny" for the offline tiny model built from the bundled data.
@@ -221,6 +234,10 @@ class OutputSpec:
     name: Optional[str] = None  # default: the spec file's stem
     hub_repo: Optional[str] = None  # where `ray-sft push` publishes the adapter
     hub_private: bool = True
+    # The model card's metadata. The license is the publisher's call; the default follows the recipe's data
+    # (databricks-dolly-15k-ja, CC BY-SA 3.0), whose terms carry over to what is trained on it.
+    hub_language: list[str] = field(default_factory=lambda: ["ja"])
+    hub_license: str = "cc-by-sa-3.0"
 
 
 @dataclass
