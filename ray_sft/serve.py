@@ -8,8 +8,10 @@ Imports neither `train` nor `tune`: adapters are loaded from the files train wro
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
 import copy
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -269,6 +271,13 @@ async def _http_error(request: Request, exc: HTTPException):
                         status_code=exc.status_code)
 
 
+@api.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception):
+    # Even a bug answers in OpenAI's error shape (clients parse it); the traceback stays in the replica log.
+    return JSONResponse(openai_api.error_body("internal server error", "server_error", "internal_error"),
+                        status_code=500)
+
+
 @serve.deployment
 @serve.ingress(api)
 class ModelServer:
@@ -283,6 +292,9 @@ class ModelServer:
         # Requests are measured with a second tokenizer: a fast tokenizer used from two threads at once can fail
         # with "Already borrowed" while the engine's thread decodes.
         self.counter = copy.deepcopy(self.tokenizer)
+        # Prompts are measured off the event loop (a long one must not hold up other requests and /healthz), on one
+        # thread, since the counter is not safe to share between threads either.
+        self.measuring = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="measure")
         # A merged replica builds its model from a fresh base when its adapter arrives (see _apply_adapters).
         self.model = None if self.spec.serve.merge else self._base_model()
         self.route: multi_lora.Route | None = None
@@ -372,13 +384,13 @@ class ModelServer:
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         self._authorize(request)
-        body = openai_api.parse(await request.body(), openai_api.CompletionRequest)
+        body = await self._parse(request, openai_api.CompletionRequest)
         return await self._answer("text", body, body.prompt)
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
         self._authorize(request)
-        body = openai_api.parse(await request.body(), openai_api.ChatRequest)
+        body = await self._parse(request, openai_api.ChatRequest)
         return await self._answer("chat", body, openai_api.render_chat(body.messages,
                                                                       self.spec.prompt.inference_template))
 
@@ -391,12 +403,18 @@ class ModelServer:
             raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_api_key",
                            kind="authentication_error")
 
-    def _job(self, body, prompt: str) -> Job:
+    async def _parse(self, request: Request, schema):
+        raw = await openai_api.read_body(request, self.spec.serve.max_request_bytes)
+        return openai_api.parse(raw, schema, self.spec.serve)
+
+    async def _job(self, body, prompt: str) -> Job:
         if body.model not in self.served_models():
             raise ApiError(404, f"model {body.model!r} does not exist; GET /v1/models lists the served models",
-                           "model_not_found")
+                           "model_not_found", param="model")
         settings = openai_api.settings_for(body, self.spec.generation, self.spec.serve.max_tokens_limit)
-        ids = self.counter(prompt, add_special_tokens=False)["input_ids"]
+        measured = await asyncio.get_running_loop().run_in_executor(
+            self.measuring, functools.partial(self.counter, prompt, add_special_tokens=False))
+        ids = measured["input_ids"]
         if not ids:
             raise ApiError(400, "prompt is empty", "invalid_request")
         if len(ids) > self.spec.serve.max_prompt_tokens:
@@ -405,7 +423,7 @@ class ModelServer:
         return Job(body.model, prompt, ids, settings, openai_api.stops(body))
 
     async def _answer(self, kind: str, body, prompt: str):
-        job, rid, started = self._job(body, prompt), openai_api.new_id(kind), time.monotonic()
+        job, rid, started = await self._job(body, prompt), openai_api.new_id(kind), time.monotonic()
         if body.stream:
             return StreamingResponse(self._stream(kind, rid, job, started), media_type="text/event-stream")
         request, done = self._submit(job)

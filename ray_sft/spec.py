@@ -226,6 +226,13 @@ class ServeSpec:
     max_prompt_tokens: int = field(default=1024, metadata=POSITIVE)
     max_tokens_limit: int = field(default=512, metadata=POSITIVE)
     max_adapters_per_replica: int = field(default=4, metadata=POSITIVE)
+    # Request bounds, checked before any work on a request (a breach is a 413/400 naming the field). The body is
+    # measured raw, before JSON parsing; 1 MiB holds any prompt max_prompt_tokens allows, with room to spare.
+    max_request_bytes: int = field(default=1_048_576, metadata=POSITIVE)
+    max_json_depth: int = field(default=16, metadata=POSITIVE)  # a chat request needs 3
+    max_stop_strings: int = field(default=4, metadata=POSITIVE)  # OpenAI's own limit
+    max_stop_chars: int = field(default=256, metadata=POSITIVE)
+    max_messages: int = field(default=256, metadata=POSITIVE)
 
 
 @dataclass
