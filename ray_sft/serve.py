@@ -257,7 +257,8 @@ class Job:
     stops: list[str]
 
 
-api = FastAPI(title="ray_sft")
+# No interactive docs or schema: they would describe the API to anyone who can reach it, key or not.
+api = FastAPI(title="ray_sft", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @api.exception_handler(ApiError)
@@ -373,7 +374,10 @@ class ModelServer:
     # -- routes --------------------------------------------------------------------------------------------------
 
     @api.get("/healthz")
-    async def healthz(self):
+    async def healthz(self, request: Request):
+        # Probes carry no key and learn only that the replica is up; the served names are for callers with one.
+        if not self._authorized(request):
+            return {"status": "ok"}
         return {"status": "ok", "models": self.served_models()}
 
     @api.get("/v1/models")
@@ -395,13 +399,16 @@ class ModelServer:
                                                                       self.spec.prompt.inference_template))
 
     def _authorize(self, request: Request) -> None:
-        if self.key_hash is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        presented = hashlib.sha256(token.strip().encode()).hexdigest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, self.key_hash):
+        if not self._authorized(request):
             raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_api_key",
                            kind="authentication_error")
+
+    def _authorized(self, request: Request) -> bool:
+        if self.key_hash is None:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        presented = hashlib.sha256(token.strip().encode()).hexdigest()
+        return scheme.lower() == "bearer" and hmac.compare_digest(presented, self.key_hash)
 
     async def _parse(self, request: Request, schema):
         raw = await openai_api.read_body(request, self.spec.serve.max_request_bytes)

@@ -276,6 +276,11 @@ def test_api_key_and_merged_model(client, setup, monkeypatch):
             assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         assert client.get("/secure/v1/models").status_code == 401
         good = {"Authorization": "Bearer s3cret"}
+        assert client.get("/secure/healthz").json() == {"status": "ok"}  # a probe learns nothing more
+        assert client.get("/secure/healthz", headers=good).json()["models"] == ["trained"]
+        for path in ("/secure/docs", "/secure/redoc", "/secure/openapi.json", "/docs", "/openapi.json"):
+            r = client.get(path, headers=good)
+            assert r.status_code == 404 and r.json()["error"], path
         models = client.get("/secure/v1/models", headers=good).json()["data"]
         assert [m["id"] for m in models] == ["trained"]  # a merged replica has no bare base to offer
         merged = complete(client, prefix="/secure", headers=good)["choices"][0]["text"]
