@@ -78,7 +78,8 @@ def base_of(adapter_dir: str | Path) -> str:
 
 
 def _usable_base(base) -> bool:
-    return isinstance(base, str) and (Path(base).is_dir() or is_hub_id(base))
+    # Not "": as a path it is the current folder.
+    return isinstance(base, str) and base != "" and (Path(base).is_dir() or is_hub_id(base))
 
 
 # ---------------------------------------------------------------------------------------------------------------
