@@ -92,6 +92,12 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
                                                                   + run_default("top_p"))
 
 
+def _remote_code_arg(parser: argparse.ArgumentParser) -> None:
+    # A flag, never a value read from the adapter's folder: the folder may come from someone else.
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the base model repo's own code (never taken from the adapter's run spec)")
+
+
 def _serving_verbs(verbs) -> None:
     generate = _verb(verbs, "generate", "the recipe's inference with an adapter, locally (no Ray)",
                      "Loads the base as trained (4-bit) with the adapter and answers one instruction, rendered with "
@@ -103,6 +109,7 @@ def _serving_verbs(verbs) -> None:
     generate.add_argument("--base", default=None, help="base model; default: the one recorded in the adapter")
     generate.add_argument("--merge", action="store_true", help="fold the adapter into a dense copy of the base")
     _generation_flags(generate)
+    _remote_code_arg(generate)
 
     serve = _verb(verbs, "serve", "OpenAI-compatible adapter serving on Ray Serve",
                   "Serves a job's best (or final) adapter, or adapters named with --adapter, at /v1 (models, "
@@ -180,6 +187,7 @@ def _publish_verbs(verbs) -> None:
     export.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                         help="dtype of the merged weights")
     export.add_argument("--max-rank", type=int, default=None, help="the target server's max LoRA rank (default 16)")
+    _remote_code_arg(export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,7 +244,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ray_sft.data import DataError
     from ray_sft.spec import SpecError
 
     try:
@@ -244,12 +251,22 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (DataError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not _bad_input(exc):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _bad_input(exc: Exception) -> bool:
+    # Imported only once something failed: `generate` brings torch, which most verbs never need.
+    from ray_sft.data import DataError
+    from ray_sft.generate import AdapterError
+
+    return isinstance(exc, (DataError, AdapterError, FileNotFoundError))
 
 
 def check_data(job, file=None) -> None:
@@ -326,7 +343,7 @@ def cmd_tune(args) -> int:
 def cmd_generate(args) -> int:
     from ray_sft import generate
 
-    loaded = generate.load(args.adapter, base=args.base, merge=args.merge)
+    loaded = generate.load(args.adapter, base=args.base, merge=args.merge, trust_remote_code=args.trust_remote_code)
     settings = generate.with_overrides(
         loaded.spec.generation, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
         do_sample=None if args.temperature is None else args.temperature > 0,
@@ -433,7 +450,7 @@ def cmd_push(args) -> int:
 
     try:
         if args.dry_run:
-            files = publish.stage(args.adapter, args.dry_run)
+            files = publish.stage(args.adapter, args.dry_run, args.repo)
             print(f"dry run: would upload to {args.repo or '(output.hub_repo)'}: {len(files)} files in {args.dry_run}")
             print("\n".join(files))
             return 0
@@ -459,7 +476,7 @@ def cmd_export(args) -> int:
         if not args.merge:
             print("check: no problems" if not problems else "check: merge with --merge OUT to serve elsewhere")
             return EXIT_FAILED if problems else 0
-        out = publish.export_merged(args.adapter, args.merge, args.base, args.dtype)
+        out = publish.export_merged(args.adapter, args.merge, args.base, args.dtype, args.trust_remote_code)
     except publish.PublishError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

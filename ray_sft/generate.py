@@ -9,13 +9,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from ray_sft import data, modeling
-from ray_sft.spec import GenerationSpec, JobSpec, from_dict
+from ray_sft.spec import GenerationSpec, JobSpec, from_dict, is_hub_id, with_values
+
+log = logging.getLogger(__name__)
+
+
+class AdapterError(ValueError):
+    """An adapter folder whose files cannot be trusted as they are (a malformed recorded base): exit 2."""
 
 
 @dataclass
@@ -37,25 +44,42 @@ class Loaded:
 # What an adapter folder says about itself
 
 
-def run_spec(adapter_dir: str | Path) -> JobSpec:
+def run_spec(adapter_dir: str | Path, trust_remote_code: bool = False) -> JobSpec:
     """The spec of the run that wrote the adapter: <run>/spec.yaml for <run>/adapter or <run>/best/adapter.
 
     Only its loading settings (quantization, model options) and decoding defaults matter here; an adapter
-    without a run folder gets the defaults.
+    without a run folder gets the defaults. Its trust_remote_code is replaced by the caller's: an adapter folder
+    may come from anyone, and running a model repo's own code is the user's decision (spec or command line).
     """
     adapter_dir = Path(adapter_dir).resolve()
+    spec = JobSpec()
     for folder in (adapter_dir.parent, adapter_dir.parent.parent):
         if (folder / "spec.yaml").is_file():
-            return from_dict(yaml.safe_load((folder / "spec.yaml").read_text(encoding="utf-8")) or {})
-    return JobSpec()
+            spec = from_dict(yaml.safe_load((folder / "spec.yaml").read_text(encoding="utf-8")) or {})
+            break
+    return with_values(spec, {"model.trust_remote_code": trust_remote_code})
 
 
 def base_of(adapter_dir: str | Path) -> str:
-    """The base model recorded in the adapter (train writes the resolved path or Hub id there)."""
+    """The base model recorded in the adapter (train writes the resolved path or Hub id there), once checked.
+
+    The file may come from someone else and the name decides what is downloaded and loaded, so only a well-formed
+    Hub id or an existing local folder is accepted, and the choice is logged.
+    """
     config = Path(adapter_dir) / "adapter_config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
-    return json.loads(config.read_text())["base_model_name_or_path"]
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not _usable_base(base):
+        raise AdapterError(f"{config}: base_model_name_or_path {base!r} is neither a Hub model id (NAME or "
+                           "OWNER/NAME) nor an existing local folder; give the base with --base")
+    log.info("base model %s (recorded in %s)", base, config)
+    return base
+
+
+def _usable_base(base) -> bool:
+    # Not "": as a path it is the current folder.
+    return isinstance(base, str) and base != "" and (Path(base).is_dir() or is_hub_id(base))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -91,8 +115,9 @@ def merged(base_model, adapter_dir: str | Path):
     return add_adapter(base_model, adapter_dir, "default").merge_and_unload().eval()
 
 
-def load(adapter_dir: str | Path, base: str | None = None, merge: bool = False, device: str = "cpu") -> Loaded:
-    spec = run_spec(adapter_dir)
+def load(adapter_dir: str | Path, base: str | None = None, merge: bool = False, device: str = "cpu",
+         trust_remote_code: bool = False) -> Loaded:
+    spec = run_spec(adapter_dir, trust_remote_code)
     tokenizer, model = load_base(base or base_of(adapter_dir), spec, device)
     model = merged(model, adapter_dir) if merge else add_adapter(model, adapter_dir, "default")
     return Loaded(model, tokenizer, spec)

@@ -15,20 +15,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ray_sft import data
 from ray_sft.generate import Completion, with_overrides
-from ray_sft.spec import GenerationSpec
+from ray_sft.spec import GenerationSpec, ServeSpec
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error",
+                 param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.code, self.kind = status, message, code, kind
+        self.status, self.message, self.code, self.kind, self.param = status, message, code, kind, param
 
     def body(self) -> dict:
-        return error_body(self.message, self.kind, self.code)
+        return error_body(self.message, self.kind, self.code, self.param)
 
 
-def error_body(message: str, kind: str, code: str | None) -> dict:
-    return {"error": {"message": message, "type": kind, "code": code, "param": None}}
+def error_body(message: str, kind: str, code: str | None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "code": code, "param": param}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,16 +64,76 @@ class ChatRequest(_Request):
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
 
 
-def parse(raw: bytes, schema: type[_Request]) -> _Request:
+async def read_body(request, limit: int) -> bytes:
+    """The raw body, refused (413) as soon as it is known to pass `limit` bytes: before it is all read, parsed or
+    tokenized, so an oversized request costs the replica next to nothing."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(limit)
+    return bytes(body)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body is larger than serve.max_request_bytes ({limit} bytes)", "request_too_large",
+                    param="body")
+
+
+def parse(raw: bytes, schema: type[_Request], limits: ServeSpec) -> _Request:
+    """The request, validated and within the server's bounds (limits: the spec's serve section)."""
+    payload = _load_json(raw, limits.max_json_depth)
+    try:
+        request = schema.model_validate(payload)
+    except ValidationError as exc:
+        fields = [".".join(map(str, e["loc"])) or "body" for e in exc.errors()]
+        problems = "; ".join(f"{name}: {e['msg']}" for name, e in zip(fields, exc.errors()))
+        raise ApiError(400, f"invalid request: {problems}", "invalid_request", param=fields[0]) from None
+    _check_bounds(request, limits)
+    return request
+
+
+def _load_json(raw: bytes, max_depth: int):
+    too_deep = ApiError(400, f"request body: JSON nested more than {max_depth} levels deep (serve.max_json_depth)",
+                        "json_too_deep", param="body")
     try:
         payload = json.loads(raw)
+    except RecursionError:  # deeper than the parser itself goes
+        raise too_deep from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}", "invalid_json") from None
-    try:
-        return schema.model_validate(payload)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
-        raise ApiError(400, f"invalid request: {problems}", "invalid_request") from None
+        raise ApiError(400, f"request body is not valid JSON: {exc}", "invalid_json", param="body") from None
+    if _depth(payload) > max_depth:
+        raise too_deep
+    return payload
+
+
+def _depth(value) -> int:
+    """Nesting depth of parsed JSON, without recursion (the value may be as deep as the parser allowed)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _check_bounds(request: _Request, limits: ServeSpec) -> None:
+    stop = stops(request)
+    if len(stop) > limits.max_stop_strings:
+        raise ApiError(400, f"stop: {len(stop)} strings; this server accepts at most {limits.max_stop_strings} "
+                            "(serve.max_stop_strings)", "too_many_stops", param="stop")
+    longest = max(map(len, stop), default=0)
+    if longest > limits.max_stop_chars:
+        raise ApiError(400, f"stop: a string of {longest} characters; this server accepts at most "
+                            f"{limits.max_stop_chars} (serve.max_stop_chars)", "stop_too_long", param="stop")
+    messages = getattr(request, "messages", [])
+    if len(messages) > limits.max_messages:
+        raise ApiError(400, f"messages: {len(messages)} messages; this server accepts at most {limits.max_messages} "
+                            "(serve.max_messages)", "too_many_messages", param="messages")
 
 
 def settings_for(request: _Request, defaults: GenerationSpec, max_tokens_limit: int) -> GenerationSpec:
@@ -83,7 +144,7 @@ def settings_for(request: _Request, defaults: GenerationSpec, max_tokens_limit: 
     max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
     if max_tokens is not None and max_tokens > max_tokens_limit:
         raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's limit of {max_tokens_limit}",
-                       "max_tokens_exceeded")
+                       "max_tokens_exceeded", param="max_tokens")
     sampling = None if request.temperature is None else request.temperature > 0
     return with_overrides(defaults, max_new_tokens=max_tokens, do_sample=sampling,
                           temperature=request.temperature or None, top_p=request.top_p,

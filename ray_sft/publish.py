@@ -32,12 +32,12 @@ class PublishError(ValueError):
 # push
 
 
-def stage(adapter: str | Path, out: str | Path) -> list[str]:
+def stage(adapter: str | Path, out: str | Path, repo: str | None = None) -> list[str]:
     """Write exactly what `push` uploads into `out`; returns the file names, sorted.
 
-    The adapter and tokenizer files as train exported them, and the model card (README.md). A local base path in
-    adapter_config.json is replaced by the run's Hub id when the run trained on one: a path on this machine means
-    nothing to the repo's users.
+    The adapter and tokenizer files as train exported them, and the model card (README.md), whose usage snippet
+    names `repo` (default: the run's output.hub_repo). A local base path in adapter_config.json is replaced by the
+    run's Hub id when the run trained on one: a path on this machine means nothing to the repo's users.
     """
     adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_model.safetensors").is_file() or not (adapter / "adapter_config.json").is_file():
@@ -46,14 +46,23 @@ def stage(adapter: str | Path, out: str | Path) -> list[str]:
     if out.exists() and any(out.iterdir()):
         raise PublishError(f"{out}: exists and is not empty; give a new folder")
     out.mkdir(parents=True, exist_ok=True)
-    for name in run_files.ADAPTER_FILES + run_files.TOKENIZER_FILES + ("README.md",):
+    for name in run_files.ADAPTER_FILES + run_files.TOKENIZER_FILES:
         if (adapter / name).is_file():
             shutil.copy2(adapter / name, out / name)
     spec = generate.run_spec(adapter)
-    if not (out / "README.md").is_file():
-        (out / "README.md").write_text(run_files.model_card(spec, generate.base_of(adapter), {}), encoding="utf-8")
+    _write_card(adapter, out / "README.md", spec, repo or spec.output.hub_repo)
     _hub_base(out / "adapter_config.json", spec.model.name_or_path)
     return sorted(p.name for p in out.iterdir())
+
+
+def _write_card(adapter: Path, card: Path, spec, repo: str | None) -> None:
+    """The card train wrote (it holds the run's final metrics), else a new one, with the usage snippet's repo."""
+    source = adapter / "README.md"
+    text = source.read_text(encoding="utf-8") if source.is_file() else \
+        run_files.model_card(spec, generate.base_of(adapter), {})
+    if repo:
+        text = text.replace(repr(run_files.USAGE_REPO), repr(repo))
+    card.write_text(text, encoding="utf-8")
 
 
 def _hub_base(config_path: Path, named_base: str) -> None:
@@ -72,19 +81,38 @@ def hub_token() -> str:
     return token
 
 
-def push(adapter: str | Path, repo: str, private: bool) -> tuple[str, list[str]]:
-    """Upload the staged folder to `repo` (created if missing); returns (the repo URL, the files uploaded)."""
+def push(adapter: str | Path, repo: str, private: bool, api=None) -> tuple[str, list[str]]:
+    """Upload the staged folder to `repo` (created if missing, made `private` or public before anything is
+    uploaded); returns (the repo URL, the files uploaded). `api`: an HfApi (default: one with HF_TOKEN)."""
     from huggingface_hub import HfApi
 
     if not REPO_ID.match(repo):
         raise PublishError(f"--repo {repo!r}: use OWNER/NAME")
-    api = HfApi(token=hub_token())
+    api = api or HfApi(token=hub_token())
     with tempfile.TemporaryDirectory(prefix="ray-sft-push-") as staging:
-        files = stage(adapter, Path(staging) / "upload")
+        files = stage(adapter, Path(staging) / "upload", repo)
         url = api.create_repo(repo, private=private, exist_ok=True)
+        _enforce_visibility(api, repo, private)
         api.upload_folder(repo_id=repo, folder_path=str(Path(staging) / "upload"),
                           commit_message="Upload QLoRA adapter (ray_sft)")
     return str(url), files
+
+
+def _enforce_visibility(api, repo: str, private: bool) -> None:
+    """create_repo(exist_ok=True) leaves an existing repo as it was: a public one would stay public."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if api.repo_info(repo).private == private:
+        return
+    wanted = "private" if private else "public"
+    try:
+        api.update_repo_settings(repo, private=private)
+    except HfHubHTTPError as exc:
+        raise PublishError(f"push: {repo} exists and is not {wanted}, and this token cannot change that ({exc}); "
+                           "nothing was uploaded") from None
+    if api.repo_info(repo).private != private:
+        raise PublishError(f"push: {repo} is still not {wanted} after asking the Hub to make it so; "
+                           "nothing was uploaded")
 
 
 def default_private(adapter: str | Path) -> bool:
@@ -132,7 +160,8 @@ def check(adapter: str | Path, max_rank: int = DEFAULT_MAX_RANK) -> list[Problem
     return problems
 
 
-def export_merged(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "bfloat16") -> Path:
+def export_merged(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "bfloat16",
+                  trust_remote_code: bool = False) -> Path:
     """Base (unquantized, original weights) + adapter, merged in float32 and saved in `dtype` with the tokenizer.
 
     Merging into the original weights rather than the dequantized 4-bit ones gives the full-precision model with
@@ -147,7 +176,7 @@ def export_merged(adapter: str | Path, out: str | Path, base: str | None = None,
     if out.exists() and any(out.iterdir()):
         raise PublishError(f"{out}: exists and is not empty; give a new folder")
     base = base or generate.base_of(adapter)
-    spec = generate.run_spec(adapter)
+    spec = generate.run_spec(adapter, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(base, revision=spec.model.revision, dtype=torch.float32,
                                                  trust_remote_code=spec.model.trust_remote_code)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
@@ -162,8 +191,8 @@ def export_merged(adapter: str | Path, out: str | Path, base: str | None = None,
 def _merged_card(out: Path, adapter: str | Path, base: str, dtype: str) -> None:
     source = Path(adapter) / "README.md"
     body = source.read_text(encoding="utf-8").split("---", 2)[-1] if source.is_file() else ""
-    named = generate.run_spec(adapter).model.name_or_path
-    header = ["---", f"base_model: {named if REPO_ID.match(named) else base}", "library_name: transformers",
+    hub_base = run_files.hub_base_id(generate.run_spec(adapter), base)
+    header = ["---", *([f"base_model: {hub_base}"] if hub_base else []), "library_name: transformers",
               "tags: [merged-lora, sft, ray_sft]", "---",
               f"Merged model: the base's original weights plus the LoRA update, saved in {dtype}.", ""]
     (out / "README.md").write_text("\n".join(header) + body, encoding="utf-8")

@@ -11,8 +11,11 @@ import shutil
 import time
 from pathlib import Path
 
+import yaml
+
 from ray_sft.console import show
-from ray_sft.spec import JobSpec, to_yaml
+from ray_sft.data import render_prompt
+from ray_sft.spec import JobSpec, is_hub_id, to_dict, to_yaml
 
 METRICS = "metrics.jsonl"
 RAY_RUN = "ray_run.json"
@@ -125,25 +128,40 @@ def _point_adapter_at_base(config_path: Path, spec: JobSpec, base_model: str) ->
     config_path.write_text(json.dumps(config, indent=2))
 
 
+# The usage snippet's repo until `push` knows it (publish.stage puts the real one in).
+USAGE_REPO = "OWNER/NAME"
+
+
 def model_card(spec: JobSpec, base_model: str, metrics: dict) -> str:
+    """The adapter's README: Hub metadata, what it was trained on and how to use it.
+
+    A path on this machine means nothing to the card's readers and tells them about the machine: the base and
+    the data are named by Hub id, else by file or folder name, and so are local paths in the spec it shows.
+    """
+    hub_base = hub_base_id(spec, base_model)
+    shown_base = hub_base or Path(base_model).name
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "max_steps"}
     lines = [
         "---",
-        f"base_model: {spec.model.name_or_path if spec.model.name_or_path != 'tiny' else base_model}",
-        "library_name: peft",
-        "tags: [qlora, sft, ray_sft]",
+        _card_metadata(spec, hub_base).rstrip(),
         "---",
         f"# {spec.output.name}",
         "",
-        f"QLoRA adapter trained by ray_sft on `{spec.data.source}`"
+        f"QLoRA adapter trained by ray_sft on `{public_ref(spec.data.source)}`"
         + (f" (first {spec.data.max_rows} rows)" if spec.data.max_rows else "") + ".",
         "",
-        f"- Base model: `{base_model}`",
+        f"- Base model: `{shown_base}`" + ("" if hub_base else " (a local model, not on the Hub)"),
         f"- Quantization: 4-bit {spec.quantization.quant_type}, double quant {spec.quantization.double_quant}, "
         f"compute {spec.quantization.compute_dtype}" if spec.quantization.load_in_4bit else "- Base in full precision",
         f"- LoRA: r={spec.lora.r}, alpha={spec.lora.alpha:g}, dropout={spec.lora.dropout:g}, "
         f"modules_to_save={spec.lora.modules_to_save}",
         f"- Prompt template: `{spec.prompt.template}`; inference template: `{spec.prompt.inference_template}`",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        _usage(spec, shown_base),
+        "```",
         "",
         "## Final metrics",
         "",
@@ -152,11 +170,66 @@ def model_card(spec: JobSpec, base_model: str, metrics: dict) -> str:
         "## Resolved job spec",
         "",
         "```yaml",
-        to_yaml(spec).rstrip(),
+        yaml.safe_dump(_public_paths(to_dict(spec)), sort_keys=False, allow_unicode=True).rstrip(),
         "```",
         "",
     ]
     return "\n".join(lines)
+
+
+def hub_base_id(spec: JobSpec, base_model: str) -> str | None:
+    """The base's Hub id (the spec's name, else the resolved one), or None for a model that is only local."""
+    named = spec.model.name_or_path
+    if named != "tiny" and is_hub_id(named):
+        return named
+    return base_model if is_hub_id(base_model) else None
+
+
+def public_ref(ref: str) -> str:
+    """A model or data reference as a published file may show it: a Hub id as is, a local path by its name."""
+    return ref if is_hub_id(ref) else Path(ref).name
+
+
+def _public_paths(value):
+    if isinstance(value, dict):
+        return {k: _public_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_public_paths(v) for v in value]
+    if isinstance(value, str) and Path(value).is_absolute():
+        return Path(value).name
+    return value
+
+
+def _card_metadata(spec: JobSpec, hub_base: str | None) -> str:
+    # The Hub rejects a card whose base_model is not a Hub model: a local base is left out.
+    meta = {**({"base_model": hub_base} if hub_base else {}), "library_name": "peft",
+            "license": spec.output.hub_license, "language": spec.output.hub_language,
+            "tags": ["qlora", "sft", "ray_sft"]}
+    return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=None)
+
+
+def _usage_instruction(spec: JobSpec) -> str:
+    return spec.generation.sample_prompts[0] if spec.generation.sample_prompts else "YOUR INSTRUCTION"
+
+
+def _usage(spec: JobSpec, base: str) -> str:
+    g = spec.generation
+    sampling = (f"do_sample=True, temperature={g.temperature}, top_p={g.top_p}" if g.do_sample
+                else "do_sample=False")
+    return "\n".join([
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        "# Trained on the base loaded in 4-bit; `ray-sft generate --adapter` reproduces that set-up exactly.",
+        f"base = AutoModelForCausalLM.from_pretrained({base!r})",
+        f"model = PeftModel.from_pretrained(base, {USAGE_REPO!r})",
+        f"tokenizer = AutoTokenizer.from_pretrained({USAGE_REPO!r})",
+        f"prompt = {render_prompt(spec.prompt.inference_template, _usage_instruction(spec))!r}",
+        'ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")',
+        f"out = model.generate(**ids, max_new_tokens={g.max_new_tokens}, {sampling}, "
+        f"repetition_penalty={g.repetition_penalty})",
+        'print(tokenizer.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True))',
+    ])
 
 
 def plot_loss(run_dir: Path) -> Path | None:

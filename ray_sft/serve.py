@@ -8,8 +8,10 @@ Imports neither `train` nor `tune`: adapters are loaded from the files train wro
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
 import copy
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -255,7 +257,8 @@ class Job:
     stops: list[str]
 
 
-api = FastAPI(title="ray_sft")
+# No interactive docs or schema: they would describe the API to anyone who can reach it, key or not.
+api = FastAPI(title="ray_sft", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @api.exception_handler(ApiError)
@@ -267,6 +270,13 @@ async def _api_error(request: Request, exc: ApiError):
 async def _http_error(request: Request, exc: HTTPException):
     return JSONResponse(openai_api.error_body(str(exc.detail), "invalid_request_error", str(exc.status_code)),
                         status_code=exc.status_code)
+
+
+@api.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception):
+    # Even a bug answers in OpenAI's error shape (clients parse it); the traceback stays in the replica log.
+    return JSONResponse(openai_api.error_body("internal server error", "server_error", "internal_error"),
+                        status_code=500)
 
 
 @serve.deployment
@@ -283,6 +293,9 @@ class ModelServer:
         # Requests are measured with a second tokenizer: a fast tokenizer used from two threads at once can fail
         # with "Already borrowed" while the engine's thread decodes.
         self.counter = copy.deepcopy(self.tokenizer)
+        # Prompts are measured off the event loop (a long one must not hold up other requests and /healthz), on one
+        # thread, since the counter is not safe to share between threads either.
+        self.measuring = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="measure")
         # A merged replica builds its model from a fresh base when its adapter arrives (see _apply_adapters).
         self.model = None if self.spec.serve.merge else self._base_model()
         self.route: multi_lora.Route | None = None
@@ -361,7 +374,10 @@ class ModelServer:
     # -- routes --------------------------------------------------------------------------------------------------
 
     @api.get("/healthz")
-    async def healthz(self):
+    async def healthz(self, request: Request):
+        # Probes carry no key and learn only that the replica is up; the served names are for callers with one.
+        if not self._authorized(request):
+            return {"status": "ok"}
         return {"status": "ok", "models": self.served_models()}
 
     @api.get("/v1/models")
@@ -372,31 +388,40 @@ class ModelServer:
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         self._authorize(request)
-        body = openai_api.parse(await request.body(), openai_api.CompletionRequest)
+        body = await self._parse(request, openai_api.CompletionRequest)
         return await self._answer("text", body, body.prompt)
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
         self._authorize(request)
-        body = openai_api.parse(await request.body(), openai_api.ChatRequest)
+        body = await self._parse(request, openai_api.ChatRequest)
         return await self._answer("chat", body, openai_api.render_chat(body.messages,
                                                                       self.spec.prompt.inference_template))
 
     def _authorize(self, request: Request) -> None:
-        if self.key_hash is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        presented = hashlib.sha256(token.strip().encode()).hexdigest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, self.key_hash):
+        if not self._authorized(request):
             raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_api_key",
                            kind="authentication_error")
 
-    def _job(self, body, prompt: str) -> Job:
+    def _authorized(self, request: Request) -> bool:
+        if self.key_hash is None:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        presented = hashlib.sha256(token.strip().encode()).hexdigest()
+        return scheme.lower() == "bearer" and hmac.compare_digest(presented, self.key_hash)
+
+    async def _parse(self, request: Request, schema):
+        raw = await openai_api.read_body(request, self.spec.serve.max_request_bytes)
+        return openai_api.parse(raw, schema, self.spec.serve)
+
+    async def _job(self, body, prompt: str) -> Job:
         if body.model not in self.served_models():
             raise ApiError(404, f"model {body.model!r} does not exist; GET /v1/models lists the served models",
-                           "model_not_found")
+                           "model_not_found", param="model")
         settings = openai_api.settings_for(body, self.spec.generation, self.spec.serve.max_tokens_limit)
-        ids = self.counter(prompt, add_special_tokens=False)["input_ids"]
+        measured = await asyncio.get_running_loop().run_in_executor(
+            self.measuring, functools.partial(self.counter, prompt, add_special_tokens=False))
+        ids = measured["input_ids"]
         if not ids:
             raise ApiError(400, "prompt is empty", "invalid_request")
         if len(ids) > self.spec.serve.max_prompt_tokens:
@@ -405,7 +430,7 @@ class ModelServer:
         return Job(body.model, prompt, ids, settings, openai_api.stops(body))
 
     async def _answer(self, kind: str, body, prompt: str):
-        job, rid, started = self._job(body, prompt), openai_api.new_id(kind), time.monotonic()
+        job, rid, started = await self._job(body, prompt), openai_api.new_id(kind), time.monotonic()
         if body.stream:
             return StreamingResponse(self._stream(kind, rid, job, started), media_type="text/event-stream")
         request, done = self._submit(job)
@@ -476,7 +501,8 @@ def targets(spec_path: str | None, overrides: list[str], adapter_args: list[str]
     """(settings, base, name -> adapter folder) from a job spec and/or NAME=PATH pairs.
 
     A job spec serves its run's tune winner (<run>/best/adapter) if there is one, else <run>/adapter, under
-    output.name; without one, the settings come from the first adapter's run folder. `overrides` apply either way.
+    output.name; without one, the settings come from the first adapter's run folder, except trust_remote_code
+    (false unless an override sets it). `overrides` apply either way.
     """
     from ray_sft import spec as spec_module
 
@@ -492,8 +518,8 @@ def targets(spec_path: str | None, overrides: list[str], adapter_args: list[str]
         adapters[name] = path
     if not adapters:
         raise ServeError("serve: give a job spec or --adapter NAME=PATH")
-    bases = {generate.base_of(path) for path in adapters.values()}
-    if base is None and len(bases) > 1:
+    bases = {base} if base else {generate.base_of(path) for path in adapters.values()}
+    if len(bases) > 1:
         raise ServeError(f"serve: the adapters were trained on different bases {sorted(bases)}; pick one with --base")
     job = job or spec_module.with_overrides(generate.run_spec(next(iter(adapters.values()))), overrides)
-    return job, base or bases.pop(), adapters
+    return job, bases.pop(), adapters

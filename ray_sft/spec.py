@@ -38,6 +38,19 @@ NON_NEGATIVE = _check(lambda v: v >= 0, "must be >= 0")
 PROBABILITY = _check(lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
+def is_hub_id(ref: str) -> bool:
+    """Whether `ref` names a Hub repo (NAME or OWNER/NAME, as the Hub spells them) rather than a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(ref, str) or not ref or Path(ref).exists():
+        return False
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        return False
+    return True
+
+
 @dataclass
 class ModelSpec:
     # Hub id, local HF folder, or "tiny" for the offline tiny model built from the bundled data.
@@ -213,6 +226,13 @@ class ServeSpec:
     max_prompt_tokens: int = field(default=1024, metadata=POSITIVE)
     max_tokens_limit: int = field(default=512, metadata=POSITIVE)
     max_adapters_per_replica: int = field(default=4, metadata=POSITIVE)
+    # Request bounds, checked before any work on a request (a breach is a 413/400 naming the field). The body is
+    # measured raw, before JSON parsing; 1 MiB holds any prompt max_prompt_tokens allows, with room to spare.
+    max_request_bytes: int = field(default=1_048_576, metadata=POSITIVE)
+    max_json_depth: int = field(default=16, metadata=POSITIVE)  # a chat request needs 3
+    max_stop_strings: int = field(default=4, metadata=POSITIVE)  # OpenAI's own limit
+    max_stop_chars: int = field(default=256, metadata=POSITIVE)
+    max_messages: int = field(default=256, metadata=POSITIVE)
 
 
 @dataclass
@@ -221,6 +241,10 @@ class OutputSpec:
     name: Optional[str] = None  # default: the spec file's stem
     hub_repo: Optional[str] = None  # where `ray-sft push` publishes the adapter
     hub_private: bool = True
+    # The model card's metadata. The license is the publisher's call; the default follows the recipe's data
+    # (databricks-dolly-15k-ja, CC BY-SA 3.0), whose terms carry over to what is trained on it.
+    hub_language: list[str] = field(default_factory=lambda: ["ja"])
+    hub_license: str = "cc-by-sa-3.0"
 
 
 @dataclass

@@ -125,3 +125,64 @@ def test_cli_generate_prints_the_completion_with_flag_overrides(adapter, loaded,
     expected = generate.generate(loaded, PROMPTS[1], generate.with_overrides(loaded.spec.generation,
                                                                               max_new_tokens=12))
     assert capsys.readouterr().out == expected.text + "\n"
+
+
+REMOTE_CODE = '''
+from pathlib import Path
+
+from transformers import LlamaForCausalLM
+
+Path(MARKER).touch()  # proof that this file was imported
+
+
+class Remote(LlamaForCausalLM):
+    pass
+'''
+
+
+def _hostile_adapter(adapter, tiny_model_path, root, base: str | None = None):
+    """A copy of `adapter` whose run spec turns remote code on, on a base that ships its own model code."""
+    import json
+    import shutil
+
+    import yaml
+
+    remote_base = root / "base"
+    shutil.copytree(tiny_model_path, remote_base)
+    config = json.loads((remote_base / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "remote.Remote"}
+    (remote_base / "config.json").write_text(json.dumps(config))
+    # transformers imports a copy of the file from its own modules cache: the marker's path is absolute.
+    (remote_base / "remote.py").write_text(REMOTE_CODE.replace("MARKER", repr(str(root / "RAN"))))
+    hostile = root / "run" / "adapter"
+    shutil.copytree(adapter, hostile)
+    run_spec = yaml.safe_load((adapter.parent / "spec.yaml").read_text())
+    run_spec["model"]["trust_remote_code"] = True
+    (hostile.parent / "spec.yaml").write_text(yaml.safe_dump(run_spec))
+    recorded = json.loads((hostile / "adapter_config.json").read_text())
+    recorded["base_model_name_or_path"] = str(remote_base) if base is None else base
+    (hostile / "adapter_config.json").write_text(json.dumps(recorded))
+    return hostile
+
+
+def test_an_adapter_folder_cannot_turn_on_remote_code(adapter, tiny_model_path, tmp_path):
+    from ray_sft import serve
+
+    hostile = _hostile_adapter(adapter, tiny_model_path, tmp_path)
+    loaded = generate.load(hostile)
+    assert not loaded.spec.model.trust_remote_code and not (tmp_path / "RAN").exists()
+    assert not serve.targets(None, [], [f"a={hostile}"], None)[0].model.trust_remote_code
+    # Only the user turns it on (a serve override, generate's flag), and then the base's code does run: the
+    # check above could have failed.
+    assert serve.targets(None, ["model.trust_remote_code=true"], [f"a={hostile}"], None)[0].model.trust_remote_code
+    generate.load(hostile, trust_remote_code=True)
+    assert (tmp_path / "RAN").exists()
+
+
+@pytest.mark.parametrize("recorded", ["/no/such/base", "../no-such-base", "owner/name/extra", "a--b", ""])
+def test_a_malformed_recorded_base_is_refused(adapter, tiny_model_path, tmp_path, capsys, recorded):
+    hostile = _hostile_adapter(adapter, tiny_model_path, tmp_path, base=recorded)
+    with pytest.raises(generate.AdapterError, match="base_model_name_or_path"):
+        generate.base_of(hostile)
+    assert cli.main(["generate", "--adapter", str(hostile), "hi"]) == 2
+    assert "neither a Hub model id" in capsys.readouterr().err

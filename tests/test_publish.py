@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
+import pytest
+import yaml
 
 from ray_sft import cli, generate, modeling, publish, run_files
-from ray_sft.spec import GenerationSpec
+from ray_sft.spec import GenerationSpec, with_values
+from tests.conftest import BUNDLED_DATA, quick_spec
 
 PROMPT = "時間管理能力をあげるには?"
 GREEDY = GenerationSpec(max_new_tokens=24, do_sample=False, repetition_penalty=1.2)
@@ -25,7 +29,67 @@ def test_push_dry_run_writes_and_lists_exactly_the_upload(trained_run, tmp_path,
                        *(n for n in run_files.TOKENIZER_FILES if (adapter / n).is_file())})
     assert listed == written == expected
     assert (out / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
-    assert "library_name: peft" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["library_name"] == "peft" and metadata["license"] and metadata["language"] == ["ja"]
+    assert "base_model" not in metadata  # the tiny base is local: the Hub refuses a base_model it does not have
+    assert "PeftModel.from_pretrained(base, 'me/tiny-ja')" in card  # the usage snippet names the repo
+    assert "`dolly-ja-mini.jsonl`" in card  # the data by file name
+    for local in (str(trained_run.run_dir), str(Path.home()), generate.base_of(adapter), str(BUNDLED_DATA)):
+        assert local not in card
+
+
+def test_the_card_names_a_hub_base_and_hub_data_by_id(tmp_path):
+    spec = with_values(quick_spec(tmp_path), {"model.name_or_path": "llm-jp/llm-jp-3-1.8b",
+                                              "data.source": "llm-jp/databricks-dolly-15k-ja"})
+    card = run_files.model_card(spec, "llm-jp/llm-jp-3-1.8b", {"loss": 1.5})
+    assert yaml.safe_load(card.split("---")[1])["base_model"] == "llm-jp/llm-jp-3-1.8b"
+    assert "`llm-jp/databricks-dolly-15k-ja`" in card and str(tmp_path) not in card
+    assert "AutoModelForCausalLM.from_pretrained('llm-jp/llm-jp-3-1.8b')" in card
+
+
+class FakeHub:
+    """The few HfApi calls push makes, on one existing repo (no network)."""
+
+    def __init__(self, private: bool, may_change: bool = True):
+        self.private, self.may_change, self.calls = private, may_change, []
+
+    def create_repo(self, repo, private, exist_ok):
+        self.calls.append("create_repo")  # exist_ok: an existing repo keeps its visibility, as on the Hub
+        return f"https://huggingface.co/{repo}"
+
+    def repo_info(self, repo):
+        return type("Info", (), {"private": self.private})()
+
+    def update_repo_settings(self, repo, private):
+        import httpx
+        from huggingface_hub.errors import HfHubHTTPError
+
+        if not self.may_change:
+            raise HfHubHTTPError("403 Forbidden", response=httpx.Response(
+                403, request=httpx.Request("PUT", f"https://huggingface.co/api/models/{repo}/settings")))
+        self.calls.append(f"private={private}")
+        self.private = private
+
+    def upload_folder(self, repo_id, folder_path, commit_message):
+        self.calls.append(f"upload private={self.private}")
+
+
+@pytest.mark.parametrize("wanted", [True, False])
+def test_push_makes_an_existing_repo_what_was_asked_before_uploading(trained_run, wanted):
+    hub = FakeHub(private=not wanted)
+    publish.push(trained_run.adapter_dir, "me/tiny-ja", private=wanted, api=hub)
+    assert hub.calls == ["create_repo", f"private={wanted}", f"upload private={wanted}"]
+    hub = FakeHub(private=wanted)
+    publish.push(trained_run.adapter_dir, "me/tiny-ja", private=wanted, api=hub)
+    assert hub.calls == ["create_repo", f"upload private={wanted}"]
+
+
+def test_push_refuses_a_public_repo_it_cannot_make_private(trained_run):
+    hub = FakeHub(private=False, may_change=False)
+    with pytest.raises(publish.PublishError, match="exists and is not private.*nothing was uploaded"):
+        publish.push(trained_run.adapter_dir, "me/tiny-ja", private=True, api=hub)
+    assert hub.calls == ["create_repo"]
 
 
 def test_push_without_token_is_a_clear_error(trained_run, capsys, monkeypatch):

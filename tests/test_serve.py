@@ -166,7 +166,20 @@ BAD = [
     ("max_tokens over cap", "/v1/completions", {"model": "trained", "prompt": "x", "max_tokens": 65}, 400,
      "max_tokens_exceeded"),
     ("n > 1", "/v1/completions", {"model": "trained", "prompt": "x", "n": 2}, 400, "invalid_request"),
+    ("too many stops", "/v1/completions", {"model": "trained", "prompt": "x", "stop": ["a"] * 5}, 400,
+     "too_many_stops"),
+    ("200,000 stops", "/v1/completions", {"model": "trained", "prompt": "x", "stop": ["a"] * 200_000}, 400,
+     "too_many_stops"),
+    ("stop too long", "/v1/completions", {"model": "trained", "prompt": "x", "stop": "a" * 257}, 400,
+     "stop_too_long"),
+    ("too many messages", "/v1/chat/completions",
+     {"model": "trained", "messages": [{"role": "user", "content": "x"}] * 257}, 400, "too_many_messages"),
+    ("deep json", "/v1/completions", b'{"model": "trained", "prompt": "x", "user": ' + b"[" * 20 + b"]" * 20 + b"}",
+     400, "json_too_deep"),
+    ("deeper than the parser", "/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, "json_too_deep"),
 ]
+PARAM = {"too_many_stops": "stop", "stop_too_long": "stop", "too_many_messages": "messages",
+         "json_too_deep": "body", "max_tokens_exceeded": "max_tokens", "model_not_found": "model"}
 
 
 @pytest.mark.parametrize("why,path,body,status,code", BAD, ids=[b[0] for b in BAD])
@@ -176,6 +189,35 @@ def test_bad_requests_get_openai_errors(client, why, path, body, status, code):
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["code"] == code and error["message"] and error["type"] == "invalid_request_error"
+    assert error["param"] == PARAM.get(code, error["param"])  # the field at fault
+
+
+def test_a_12mb_body_is_refused_at_once_while_healthz_answers(setup):
+    huge = json.dumps({"model": "trained", "prompt": "時間" * 2_000_000}).encode()
+    assert len(huge) > 12_000_000
+    chunks = [huge[i:i + 65536] for i in range(0, len(huge), 65536)]
+    results, health = [], []
+
+    def post(content):
+        with httpx.Client(base_url=setup["url"], timeout=30) as c:
+            started = time.monotonic()
+            r = c.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+            results.append((r.status_code, r.json()["error"], time.monotonic() - started))
+
+    # Declared (Content-Length) and chunked (no length: counted as it arrives).
+    posts = [threading.Thread(target=post, args=(body,)) for body in (huge, iter(chunks))]
+    with httpx.Client(base_url=setup["url"], timeout=30) as c:
+        for thread in posts:
+            thread.start()
+        while any(thread.is_alive() for thread in posts):
+            started = time.monotonic()
+            health.append((c.get("/healthz").status_code, time.monotonic() - started))
+    for thread in posts:
+        thread.join()
+    assert [(status, error["code"], error["param"]) for status, error, _ in results] == \
+        [(413, "request_too_large", "body")] * 2
+    assert max(elapsed for *_, elapsed in results) < 1, results
+    assert health and all(status == 200 and elapsed < 1 for status, elapsed in health), health
 
 
 def test_unknown_route_and_method_get_openai_errors(client):
@@ -234,6 +276,11 @@ def test_api_key_and_merged_model(client, setup, monkeypatch):
             assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         assert client.get("/secure/v1/models").status_code == 401
         good = {"Authorization": "Bearer s3cret"}
+        assert client.get("/secure/healthz").json() == {"status": "ok"}  # a probe learns nothing more
+        assert client.get("/secure/healthz", headers=good).json()["models"] == ["trained"]
+        for path in ("/secure/docs", "/secure/redoc", "/secure/openapi.json", "/docs", "/openapi.json"):
+            r = client.get(path, headers=good)
+            assert r.status_code == 404 and r.json()["error"], path
         models = client.get("/secure/v1/models", headers=good).json()["data"]
         assert [m["id"] for m in models] == ["trained"]  # a merged replica has no bare base to offer
         merged = complete(client, prefix="/secure", headers=good)["choices"][0]["text"]
