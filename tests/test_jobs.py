@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from ray_sft import cli, jobs
-from tests.conftest import QUICKSTART
+from tests.conftest import QUICKSTART, REPO
 
 pytestmark = pytest.mark.slow
 
@@ -172,18 +172,23 @@ def test_unreachable_address_is_a_clear_error(capsys):
     assert "cannot reach the Ray dashboard at http://127.0.0.1:" in capsys.readouterr().err
 
 
-def test_missing_or_wrong_token_is_a_clear_error(head, tmp_path, capsys, monkeypatch):
-    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token
-    assert cli.main(["jobs", "list", "--address", head["url"]]) == 2
-    err = capsys.readouterr().err
-    assert "requires a Ray auth token and none was sent" in err and "RAY_AUTH_TOKEN" in err
+def test_missing_or_wrong_token_is_a_clear_error(head, tmp_path):
+    # Fresh processes, as a user's commands are: in this one the test session's own Ray cluster is initialised,
+    # and Ray's client would send that cluster's token.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token
 
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-" + head["token"])
-    assert cli.main(["submit", str(QUICKSTART), "--address", head["url"]]) == 2
-    err = capsys.readouterr().err
-    assert "rejected the Ray auth token from RAY_AUTH_TOKEN" in err and head["token"] not in err
+    def ray_sft(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ray_sft.cli", *args], env={**env, **extra}, cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+
+    done = ray_sft("jobs", "list", "--address", head["url"])
+    assert done.returncode == 2, done.stderr
+    assert "requires a Ray auth token and none was sent" in done.stderr and "RAY_AUTH_TOKEN" in done.stderr
+
+    done = ray_sft("submit", str(QUICKSTART), "--address", head["url"], RAY_AUTH_TOKEN="not-" + head["token"])
+    assert done.returncode == 2, done.stderr
+    assert "rejected the Ray auth token from RAY_AUTH_TOKEN" in done.stderr and head["token"] not in done.stderr
 
 
 def test_submit_checks_spec_and_env_names_before_contacting_the_cluster(tmp_path, capsys, monkeypatch):
