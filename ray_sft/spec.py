@@ -134,8 +134,8 @@ class TrainingSpec:
     # Concatenate a micro-batch's rows into one sequence with per-row position ids instead of padding them.
     padding_free: bool = True
     # torch.compile each decoder layer (one graph shared by all layers, any packed length) to fuse the LoRA,
-    # norm, RoPE and activation element-wise work. Off until a benchmark shows it pays: on the H200 the compiled
-    # fast step was not measurably faster in exploratory runs (bench/RESULTS.md, "Compiled layers").
+    # norm, RoPE and activation element-wise work. Off until a benchmark shows it pays (bench/RESULTS.md,
+    # "Compiled layers").
     compile: bool = False
 
 
