@@ -140,7 +140,7 @@ def test_decoding_fields_are_honoured(client):
     assert stopped["text"] == full[: full.index(stop)] and stopped["finish_reason"] == "stop"
     assert complete(client, max_tokens=30, repetition_penalty=1.0)["choices"][0]["text"] != full
     samples = [complete(client, max_tokens=30, temperature=1.5, top_p=0.9) for _ in range(3)]
-    assert all(s["usage"]["completion_tokens"] == 30 for s in samples)
+    assert all(1 <= s["usage"]["completion_tokens"] <= 30 for s in samples)  # a draw may end at EOS
     texts = {s["choices"][0]["text"] for s in samples}
     assert len(texts) >= 2 and full not in texts  # drawn at random, not greedy
     # A nucleus of one token leaves only the most likely one: greedy's text, after the same repetition penalty.
