@@ -78,7 +78,9 @@ def resolve(spec: JobSpec, adapters: int, cluster: dict[str, float]) -> JobSpec:
     # Per-row LoRA on a dense base is what makes several adapters fast on a GPU; on CPU the 4-bit base keeps the
     # replica small.
     dense = gpus > 0 if s.dequantize_base == "auto" else s.dequantize_base
-    return with_values(spec, {"serve.gpus_per_replica": gpus, "serve.merge": merge, "serve.dequantize_base": dense})
+    slots = (32 if gpus > 0 else 8) if s.max_batch_size == "auto" else s.max_batch_size
+    return with_values(spec, {"serve.gpus_per_replica": gpus, "serve.merge": merge, "serve.dequantize_base": dense,
+                              "serve.max_batch_size": slots})
 
 
 def replica_spec(spec: JobSpec, adapters: dict[str, str]) -> JobSpec:

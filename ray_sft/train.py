@@ -291,6 +291,8 @@ def train_worker(config: dict) -> None:
     crash = InjectedCrash(**config["crash"]) if config["crash"] else None
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    if context.get_world_size() == 1:
+        leave_single_rank_group()
     # One compute thread per CPU granted: oversubscribing 2 cores made one step 80x slower.
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
     device = ray.train.torch.get_device()
@@ -311,6 +313,25 @@ def train_worker(config: dict) -> None:
             presharded=context.get_world_size() > 1)
         trainer.train(resume_from_checkpoint=resume_from)
         _write_shard_audit(config["run_dir"], rank, train_rows, trainer.trained_indices, trainer.model)
+
+
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR",
+                      "MASTER_PORT")
+
+
+def leave_single_rank_group() -> None:
+    """Make a one-worker run a plain process again: no process group, none of torchrun's variables.
+
+    Ray Train sets up a process group even for one worker. accelerate then takes the run as distributed, and
+    every metric TRL gathers on every micro-batch becomes a collective with a host synchronisation around it;
+    one worker has nothing to exchange (see README, "Stack notes").
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for name in TORCHRUN_VARIABLES:
+        os.environ.pop(name, None)
 
 
 def shard_rows(rows: list[dict], rank: int, world_size: int) -> list[dict]:

@@ -378,14 +378,14 @@ GPU_SPECS = sorted(REPO.glob("jobs/llm-jp-3-1.8b-dolly-ja*.yaml"))
 
 
 @pytest.mark.parametrize("cluster,adapters,expected", [
-    ({"CPU": 2.0}, 1, (0, False)),  # no GPU: CPU replica, 4-bit base + adapter
-    ({"CPU": 16.0, "GPU": 0.0}, 1, (0, False)),
-    ({"CPU": 16.0, "GPU": 1.0}, 1, (1, True)),  # one adapter on a GPU: merged, the static-cache fast path
-    ({"CPU": 16.0, "GPU": 8.0}, 2, (1, False)),  # several adapters stay switchable per batch
+    ({"CPU": 2.0}, 1, (0, False, 8)),  # no GPU: CPU replica, 4-bit base + adapter, few slots
+    ({"CPU": 16.0, "GPU": 0.0}, 1, (0, False, 8)),
+    ({"CPU": 16.0, "GPU": 1.0}, 1, (1, True, 32)),  # one adapter on a GPU: merged, the static-cache fast path
+    ({"CPU": 16.0, "GPU": 8.0}, 2, (1, False, 32)),  # several adapters stay switchable per batch
 ])
 def test_auto_resolves_from_the_cluster_and_the_adapter_count(cluster, adapters, expected):
     served = rs.resolve(rspec.from_dict({}), adapters, cluster).serve
-    assert (served.gpus_per_replica, served.merge) == expected
+    assert (served.gpus_per_replica, served.merge, served.max_batch_size) == expected
 
 
 @pytest.mark.parametrize("overrides,cluster,expected", [
@@ -393,10 +393,13 @@ def test_auto_resolves_from_the_cluster_and_the_adapter_count(cluster, adapters,
     (["serve.merge=false"], {"GPU": 1.0}, (1, False)),
     (["serve.merge=true"], {"CPU": 2.0}, (0, True)),
     (["serve.gpus_per_replica=0.5"], {}, (0.5, True)),
+    (["serve.max_batch_size=3"], {"GPU": 1.0}, (1, True)),
 ])
 def test_explicit_serve_values_are_kept(overrides, cluster, expected):
     served = rs.resolve(rspec.with_overrides(rspec.from_dict({}), overrides), 1, cluster).serve
     assert (served.gpus_per_replica, served.merge) == expected
+    assert served.max_batch_size == (3 if "serve.max_batch_size=3" in overrides else
+                                     32 if served.gpus_per_replica else 8)
 
 
 @pytest.mark.parametrize("path", GPU_SPECS, ids=lambda p: p.name)
@@ -409,7 +412,8 @@ def test_defaults_resolve_for_the_real_cluster(ray_cluster, tmp_path):
     """On the test cluster (no GPU on a CPU machine) the defaults give a CPU replica serving the 4-bit base."""
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     served = rs.replica_spec(quick_spec(tmp_path), {"one": "unused"}).serve
-    assert (served.gpus_per_replica, served.merge) == ((1, True) if has_gpu else (0, False))
+    assert (served.gpus_per_replica, served.merge, served.max_batch_size) == ((1, True, 32) if has_gpu else
+                                                                              (0, False, 8))
 
 
 @pytest.fixture(scope="module")

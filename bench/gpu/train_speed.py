@@ -46,6 +46,9 @@ CONFIGS = {
     "ray-recipe": ("ray", RECIPE_SPEC, []),
     "plain-fast": ("plain", FAST_SPEC, []),
     "ray-fast": ("ray", FAST_SPEC, []),
+    # The plain process inside a one-rank process group with torchrun's variables, as Ray Train used to leave a
+    # single worker (train.leave_single_rank_group): what the group alone costs.
+    "plain-fast-group": ("plain-group", FAST_SPEC, []),
     "plain-fast-compiled": ("plain", FAST_SPEC, COMPILED),
     "ray-fast-compiled": ("ray", FAST_SPEC, COMPILED),
 }
@@ -164,9 +167,13 @@ def run_recipe(work: Path, steps: int, result: Path, device: str) -> None:
     write_result(result, records, peak_gib(device))
 
 
-def run_variant(work: Path, steps: int, result: Path, device: str, spec_path: Path, extra: list[str]) -> None:
+def run_variant(work: Path, steps: int, result: Path, device: str, spec_path: Path, extra: list[str],
+                group: bool = False) -> None:
     """ray_sft's trainer (train.build_trainer) in a plain process, no Ray: `spec_path` + `extra`."""
     from ray_sft import data, modeling, spec, train
+
+    if group:
+        join_one_rank_group(device)
 
     job = spec.load(spec_path, overrides(work, steps, "variant", device) + extra)
     tokenizer = modeling.load_tokenizer(str(work / "model"), job.model)
@@ -177,6 +184,22 @@ def run_variant(work: Path, steps: int, result: Path, device: str, spec_path: Pa
     trainer.args.save_strategy = "no"
     trainer.train()
     write_result(result, records, peak_gib(device))
+
+
+def join_one_rank_group(device: str) -> None:
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", NODE_RANK="0",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
 
 
 def peak_gib(device: str) -> float | None:
@@ -407,8 +430,8 @@ def run_config(args, name: str, label: str, deadline: float, probe=None, timed=N
     if kind == "ray":
         outcome = ray_run(args.work, spec_path, label, steps, args.device, deadline, [*extra, *cpu], probe)
     else:
-        outcome = plain_run(args.work, kind if kind == "recipe" else "variant", steps, args.device, deadline, label,
-                            spec_path, [*extra, *cpu], probe)
+        one = {"recipe": "recipe", "plain": "variant", "plain-group": "variant-group"}[kind]
+        outcome = plain_run(args.work, one, steps, args.device, deadline, label, spec_path, [*extra, *cpu], probe)
     return {**outcome, "started": started, "warmup": warmup}
 
 
@@ -446,8 +469,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.one == "recipe":
         return run_recipe(args.work, args.steps, args.result, args.device)
-    if args.one == "variant":
-        return run_variant(args.work, args.steps, args.result, args.device, args.spec, args.extra)
+    if args.one in ("variant", "variant-group"):
+        return run_variant(args.work, args.steps, args.result, args.device, args.spec, args.extra,
+                           group=args.one == "variant-group")
 
     deadline = time.monotonic() + args.deadline
     args.out.mkdir(parents=True, exist_ok=True)
