@@ -1,9 +1,12 @@
 """The decode engine: a fixed number of slots that decode together, one token per step for all of them.
 
 Requests join between steps (continuous batching): each step first prefills the waiting requests that fit into free
-slots (one forward for all of them), then runs one decode step over every slot at once. The decode step has the same
-shapes every time (inactive slots compute a token nobody reads), so on CUDA it is captured once as a CUDA graph and
-replayed: the per-token kernel launches that bound eager decoding disappear.
+slots (one forward for all of them), then runs one decode step over the live slots. On CUDA the decode step is a CUDA
+graph, captured when the model loads for every (batch, keys) bucket: the first `batch` slots (a power of two covering
+the highest live slot; free slots among them compute a token nobody reads) attending over the first `keys` cache
+positions (a power of two covering the longest live row). Replaying the smallest fitting graph removes the per-token
+kernel launches that bound eager decoding, and a lone request neither computes 31 idle rows nor reads a whole
+cache sized for the longest request the server accepts.
 
 Each slot owns a row of a static KV cache written at its own position, its own 4D attention mask row and position
 ids, so rows of different lengths and ages share one forward without touching the model's code. Per-row decoding
@@ -17,6 +20,7 @@ one model thread (`serve_forever`); `complete` runs a list of requests to the en
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 from collections import deque
@@ -55,7 +59,7 @@ class SlotCache:
     """A static KV cache of `slots` rows, each written at its own position.
 
     Duck-typed for transformers' decoder layers, which only call `update` when given a 4D mask and position ids.
-    `rows` (None: all slots in order) and `starts` say where the next forward's keys go; `limit` (None: the whole
+    `rows` (None: the first slots, as many as the forward has rows) and `starts` say where the next forward's keys go; `limit` (None: the whole
     cache) is how many positions the forward attends over.
     """
 
@@ -74,10 +78,12 @@ class SlotCache:
     def update(self, key, value, layer_idx, *args, **kwargs):
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         at = self.starts[:, None] + torch.arange(key.shape[2], device=key.device)
-        rows = (torch.arange(self.slots, device=key.device) if self.rows is None else self.rows)[:, None]
+        rows = (torch.arange(key.shape[0], device=key.device) if self.rows is None else self.rows)[:, None]
         keys[rows.expand_as(at), :, at] = key.transpose(1, 2)
         values[rows.expand_as(at), :, at] = value.transpose(1, 2)
-        if self.rows is not None:
+        if self.rows is None:  # the first slots: views, no copy of the cache
+            keys, values = keys[:key.shape[0]], values[:key.shape[0]]
+        else:
             keys, values = keys[self.rows], values[self.rows]
         if self.limit is not None:
             keys, values = keys[:, :, :self.limit], values[:, :, :self.limit]
@@ -113,13 +119,17 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, tokenizer, slots: int, length: int):
-        self.tokenizer, self.slots, self.length = tokenizer, slots, length
+    def __init__(self, tokenizer, slots: int, length: int, static: bool | None = None):
+        """`slots` requests decode together, each up to `length` positions (prompt + new tokens). `static`: decode
+        with the bucketed static-shape steps (None: on CUDA with a dense model, captured as CUDA graphs; True on
+        CPU runs the same steps uncaptured, e.g. to check them against the eager path)."""
+        self.tokenizer, self.slots, self.length, self.static = tokenizer, slots, length, static
+        self.batch_sizes, self.key_lengths = powers_of_two(slots, 1), powers_of_two(length, 64)
         self.eos = tokenizer.eos_token_id
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: deque[Request] = deque()
         self.rows: list[_Row | None] = [None] * slots
-        self.model = self.cache = self.graph = self.route = None
+        self.model = self.cache = self.steps = self.route = None
         self.adapters: dict[str | None, int] = {}
 
     # -- the model and its adapters (between steps only) ------------------------------------------------------
@@ -138,11 +148,14 @@ class Engine:
                 self._end(slot, UnknownAdapter(row.request.adapter))
             elif row is not None:
                 self.slot_adapter[slot] = adapters[row.request.adapter]
-        self.graph = None
+        self.steps = None
         # CUDA graphs need every kernel to be capturable; bitsandbytes' 4-bit kernels are not.
-        if device.type == "cuda" and not getattr(model, "is_quantized", False):
+        static = self.static if self.static is not None else (
+            device.type == "cuda" and not getattr(model, "is_quantized", False))
+        if static:
+            buckets = [(b, k) for b in self.batch_sizes for k in self.key_lengths]
             try:
-                self.graph = _Graph(self._decode_logits)
+                self.steps = _capture(self._static_logits, buckets, device)
             except Exception:  # a kernel that cannot be captured: correct but slower, and said so
                 log.warning("CUDA graph capture of the decode step failed; decoding eagerly", exc_info=True)
                 torch.cuda.synchronize()
@@ -156,6 +169,7 @@ class Engine:
         self.sampling = zeros(torch.bool)
         self.seen = torch.zeros(self.slots, config.vocab_size, dtype=torch.bool, device=device)
         self.key_index = torch.arange(self.length, device=device)
+        self.slot_index = torch.arange(self.slots, device=device)
         self.min = torch.finfo(dtype).min
 
     # -- feeding it --------------------------------------------------------------------------------------------
@@ -275,29 +289,33 @@ class Engine:
 
     def _decode(self) -> None:
         active = [slot for slot, row in enumerate(self.rows) if row is not None]
-        if self.graph is not None:
-            chosen = self._choose(self.graph(), None)
-            # Free slots advance too: the clamp keeps their (unread) writes inside the cache. A live row never
-            # reaches the end (submit checks its length).
-            self.positions.add_(1).clamp_(max=self.length - 1)
-            self._accept(None, chosen, active)
+        # Keys the longest live row attends over: its prompt and every token so far (the newest is written now).
+        keys = max(len(self.rows[s].request.ids) + len(self.rows[s].ids) for s in active)
+        if self.steps is not None:
+            batch, limit = fitting(self.batch_sizes, active[-1] + 1), fitting(self.key_lengths, keys)
+            slots = self.slot_index[:batch]
+            chosen = self._choose(self.steps[batch, limit](), slots)
+            # Free slots among the first `batch` advance too: the clamp keeps their (unread) writes inside the
+            # cache. A live row never reaches the end (submit checks its length).
+            self.positions[:batch].add_(1).clamp_(max=self.length - 1)
+            self._accept(slots, chosen, range(batch))
             return
         # Eager (CPU, 4-bit base): only live rows, attending only as far as the longest of them has come.
         slots = torch.tensor(active, device=self.tokens.device)
-        chosen = self._choose(self._decode_logits(slots, max(len(self.rows[s].request.ids) + len(self.rows[s].ids)
-                                                             for s in active)), slots)
+        chosen = self._choose(self._logits(self.tokens[slots], self.positions[slots], self.slot_adapter[slots],
+                                           slots, keys), slots)
         self.positions[slots] += 1
         self._accept(slots, chosen, active)
 
-    def _decode_logits(self, slots: torch.Tensor | None = None, limit: int | None = None) -> torch.Tensor:
-        """One token for `slots` (None: every slot, static shapes, nothing read on the host: the part a CUDA graph
-        replays), attending over the first `limit` cache positions (None: all)."""
-        pick = (lambda t: t) if slots is None else (lambda t: t[slots])  # noqa: E731
-        keys = self.key_index if limit is None else self.key_index[:limit]
-        positions = pick(self.positions)
+    def _static_logits(self, batch: int, limit: int) -> torch.Tensor:
+        """One token for the first `batch` slots over the first `limit` keys: static shapes, views of the engine's
+        buffers, nothing read on the host (what a CUDA graph replays)."""
+        return self._logits(self.tokens[:batch], self.positions[:batch], self.slot_adapter[:batch], None, limit)
+
+    def _logits(self, tokens, positions, adapters, slots: torch.Tensor | None, limit: int) -> torch.Tensor:
+        keys = self.key_index[:limit]
         mask = self._additive(keys[None, :] <= positions[:, None])[:, None, None, :]
-        hidden = self._forward(pick(self.tokens)[:, None], mask, positions[:, None], slots, positions,
-                               pick(self.slot_adapter), limit)
+        hidden = self._forward(tokens[:, None], mask, positions[:, None], slots, positions, adapters, limit)
         return self.head(hidden[:, -1]).float()
 
     def _forward(self, ids, mask, positions, slots, starts, adapters, limit=None) -> torch.Tensor:
@@ -312,28 +330,23 @@ class Engine:
         return torch.zeros(allowed.shape, dtype=self.cache.keys[0].dtype, device=allowed.device).masked_fill(
             ~allowed, self.min)
 
-    def _choose(self, logits: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+    def _choose(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Next token per row, as transformers' RepetitionPenaltyLogitsProcessor, temperature and top-p do it."""
-        pick = (lambda t: t) if slots is None else (lambda t: t[slots])  # noqa: E731
-        penalty = pick(self.penalty)[:, None]
-        logits = torch.where(pick(self.seen), torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+        penalty = self.penalty[slots][:, None]
+        logits = torch.where(self.seen[slots], torch.where(logits < 0, logits * penalty, logits / penalty), logits)
         greedy = logits.argmax(-1)
         if not any(row.request.settings.do_sample for row in self.rows if row is not None):
             return greedy
-        return torch.where(pick(self.sampling), _sample(logits, pick(self.temperature), pick(self.top_p)), greedy)
+        return torch.where(self.sampling[slots], _sample(logits, self.temperature[slots], self.top_p[slots]), greedy)
 
-    def _accept(self, slots: torch.Tensor | None, chosen: torch.Tensor, active: list[int]) -> None:
-        """Record the chosen tokens on the device, then read them once for every row and finish rows on the host."""
-        if slots is None:
-            self.tokens.copy_(chosen)
-            self.seen[torch.arange(self.slots, device=chosen.device), chosen] = True
-        else:
-            self.tokens[slots] = chosen
-            self.seen[slots, chosen] = True
-        values = chosen.tolist()
-        tokens = values if slots is None else dict(zip(active, values))
-        for slot in active:
-            self._advance(slot, tokens[slot])
+    def _accept(self, slots: torch.Tensor, chosen: torch.Tensor, order) -> None:
+        """Record the chosen tokens on the device, then read them once (`order`: each one's slot) and advance the
+        live rows on the host."""
+        self.tokens[slots] = chosen
+        self.seen[slots, chosen] = True
+        for slot, token in zip(order, chosen.tolist()):
+            if self.rows[slot] is not None:
+                self._advance(slot, token)
 
     def _advance(self, slot: int, token: int) -> None:
         row = self.rows[slot]
@@ -383,11 +396,35 @@ def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
     return torch.multinomial(logits.softmax(-1), 1)[:, 0]
 
 
+def powers_of_two(most: int, least: int) -> list[int]:
+    """`least`, 2 x `least`, ... below `most`, then `most`: the bucket sizes of one dimension."""
+    sizes = []
+    while least < most:
+        sizes.append(least)
+        least *= 2
+    return sizes + [most]
+
+
+def fitting(sizes: list[int], need: int) -> int:
+    """The smallest bucket that holds `need`."""
+    return next(size for size in sizes if size >= need)
+
+
+def _capture(step: Callable[[int, int], torch.Tensor], buckets: list[tuple[int, int]], device) -> dict:
+    """step(batch, keys) for every bucket, as a callable: a CUDA graph on CUDA (largest first, all sharing one
+    memory pool, so the smaller ones reuse the largest one's memory), the plain call elsewhere."""
+    if device.type != "cuda":
+        return {bucket: functools.partial(step, *bucket) for bucket in buckets}
+    pool = torch.cuda.graph_pool_handle()
+    return {bucket: _Graph(functools.partial(step, *bucket), pool)
+            for bucket in sorted(buckets, key=lambda b: b[0] * b[1], reverse=True)}
+
+
 class _Graph:
     """`fn` captured once as a CUDA graph; calling replays it. Its inputs are the engine's static buffers (tokens,
     positions, adapters, cache), updated in place between replays."""
 
-    def __init__(self, fn: Callable[[], torch.Tensor]):
+    def __init__(self, fn: Callable[[], torch.Tensor], pool):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.inference_mode(), torch.cuda.stream(stream):
@@ -395,7 +432,7 @@ class _Graph:
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(self.graph):
+        with torch.inference_mode(), torch.cuda.graph(self.graph, pool=pool):
             self.output = fn()
 
     def __call__(self) -> torch.Tensor:

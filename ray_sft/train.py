@@ -322,9 +322,10 @@ TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "N
 def leave_single_rank_group() -> None:
     """Make a one-worker run a plain process again: no process group, none of torchrun's variables.
 
-    Ray Train sets up a process group even for one worker. accelerate then takes the run as distributed, and
-    every metric TRL gathers on every micro-batch becomes a collective with a host synchronisation around it;
-    one worker has nothing to exchange (see README, "Stack notes").
+    Ray Train sets up a process group even for one worker, and accelerate then takes the run as distributed:
+    every metric TRL gathers becomes a collective, on a communicator with its own watchdog thread. One worker has
+    nothing to exchange, and this way it runs the very program the benchmarks compare it with. (The group was
+    measured to cost nothing itself on the H200: README, "Notes on the stack".)
     """
     import torch.distributed as dist
 

@@ -61,8 +61,15 @@ def ids(tokenizer, prompt: str, spec) -> list[int]:
     return tokenizer(generate.prompt_for(prompt, spec), add_special_tokens=False)["input_ids"]
 
 
-def new_engine(model, tokenizer, slots=4, adapters=None, route=None) -> engine.Engine:
-    e = engine.Engine(tokenizer, slots, length=128)
+@pytest.fixture(params=[False, True], ids=["eager", "static"])
+def static(request):
+    """Every test runs on both decode paths: eager (only live rows) and the bucketed static-shape steps that CUDA
+    captures as graphs (here run uncaptured, with idle slots in the batch)."""
+    return request.param
+
+
+def new_engine(model, tokenizer, static, slots=4, adapters=None, route=None, length=128) -> engine.Engine:
+    e = engine.Engine(tokenizer, slots, length=length, static=static)
     e.load(model, adapters or {None: 0}, route)
     return e
 
@@ -72,15 +79,15 @@ def alone(model, tokenizer, spec, prompt, settings, stops=None):
                              stops=[stops or []])[0]
 
 
-def test_greedy_text_equals_generate_one_by_one(base, tokenizer, spec, settings):
-    e = new_engine(base, tokenizer, slots=3)  # fewer slots than prompts: some wait for a free slot
+def test_greedy_text_equals_generate_one_by_one(static, base, tokenizer, spec, settings):
+    e = new_engine(base, tokenizer, static, slots=3)  # fewer slots than prompts: some wait for a free slot
     got = e.complete([engine.Request(ids(tokenizer, p, spec), settings) for p in PROMPTS])
     assert got == [alone(base, tokenizer, spec, p, settings) for p in PROMPTS]
     assert all(c.completion_tokens == NEW or c.finish_reason == "stop" for c in got)
 
 
-def test_request_joining_mid_decode_gets_its_text_alone(base, tokenizer, spec, settings):
-    e, results = new_engine(base, tokenizer), {}
+def test_request_joining_mid_decode_gets_its_text_alone(static, base, tokenizer, spec, settings):
+    e, results = new_engine(base, tokenizer, static), {}
     for index, prompt in enumerate(PROMPTS[:3]):
         e.submit(engine.Request(ids(tokenizer, prompt, spec), settings,
                                 on_done=lambda c, index=index: results.__setitem__(index, c)))
@@ -91,14 +98,14 @@ def test_request_joining_mid_decode_gets_its_text_alone(base, tokenizer, spec, s
     assert [results[i] for i in range(3)] == [alone(base, tokenizer, spec, p, settings) for p in PROMPTS[:3]]
 
 
-def test_limits_stops_and_streaming_per_request(base, tokenizer, spec, settings):
+def test_limits_stops_and_streaming_per_request(static, base, tokenizer, spec, settings):
     full = alone(base, tokenizer, spec, PROMPTS[0], settings).text
     stop = full[8:10]
     deltas: list[str] = []
     requests = [engine.Request(ids(tokenizer, PROMPTS[0], spec), dataclasses.replace(settings, max_new_tokens=5)),
                 engine.Request(ids(tokenizer, PROMPTS[0], spec), settings, stops=[stop], on_delta=deltas.append),
                 engine.Request(ids(tokenizer, PROMPTS[0], spec), settings, on_delta=deltas.append)]
-    short, stopped, streamed = new_engine(base, tokenizer).complete(requests)
+    short, stopped, streamed = new_engine(base, tokenizer, static).complete(requests)
     assert short.completion_tokens == 5 and short.finish_reason == "length" and full.startswith(short.text)
     assert stopped.text == full[: full.index(stop)] and stopped.finish_reason == "stop"
     assert stopped.completion_tokens < NEW  # the slot was freed at the stop, not at max_tokens
@@ -107,19 +114,19 @@ def test_limits_stops_and_streaming_per_request(base, tokenizer, spec, settings)
     assert len(deltas) > 2 and "".join(deltas).startswith(full[: full.index(stop)][:1])
 
 
-def test_streamed_deltas_join_to_the_final_text(base, tokenizer, spec, settings):
+def test_streamed_deltas_join_to_the_final_text(static, base, tokenizer, spec, settings):
     for stops in ([], ["。", "ます"]):
         deltas: list[str] = []
         request = engine.Request(ids(tokenizer, PROMPTS[2], spec), settings, stops=stops, on_delta=deltas.append)
-        final = new_engine(base, tokenizer).complete([request])[0]
+        final = new_engine(base, tokenizer, static).complete([request])[0]
         assert final.text.startswith("".join(deltas)) and len(deltas) > 2
         expected = alone(base, tokenizer, spec, PROMPTS[2], settings, stops)
         # a stop string ends decoding early: fewer tokens than generate, which cuts only after max_tokens
         assert (final.text, final.finish_reason) == (expected.text, expected.finish_reason)
 
 
-def test_cancelled_request_frees_its_slot(base, tokenizer, spec, settings):
-    e, done = new_engine(base, tokenizer, slots=1), []
+def test_cancelled_request_frees_its_slot(static, base, tokenizer, spec, settings):
+    e, done = new_engine(base, tokenizer, static, slots=1), []
     first = engine.Request(ids(tokenizer, PROMPTS[0], spec), settings, on_done=done.append)
     second = engine.Request(ids(tokenizer, PROMPTS[1], spec), settings, on_done=done.append)
     e.submit(first)
@@ -135,7 +142,7 @@ def test_cancelled_request_frees_its_slot(base, tokenizer, spec, settings):
     assert done == [alone(base, tokenizer, spec, PROMPTS[1], settings)]
 
 
-def test_mixed_adapters_in_one_batch_give_each_row_its_own_text(tiny_model_path, tokenizer, spec, settings,
+def test_mixed_adapters_in_one_batch_give_each_row_its_own_text(static, tiny_model_path, tokenizer, spec, settings,
                                                                  adapters):
     names = ["a", "b", "c"]
     peft_model = modeling.load_model(tiny_model_path, spec, "cpu", training=False)
@@ -153,7 +160,7 @@ def test_mixed_adapters_in_one_batch_give_each_row_its_own_text(tiny_model_path,
     assert len({c.text for c in expected}) == len(expected)  # every adapter (and the base) writes its own text
 
     model, route = multi_lora.attach(peft_model, names, torch.float32)
-    e = new_engine(model, tokenizer, slots=8, adapters={None: 0, **{n: i + 1 for i, n in enumerate(names)}},
+    e = new_engine(model, tokenizer, static, slots=8, adapters={None: 0, **{n: i + 1 for i, n in enumerate(names)}},
                    route=route)
     got = e.complete([engine.Request(ids(tokenizer, p, spec), settings, adapter=n) for n, p in jobs])
     assert got == expected
@@ -162,8 +169,8 @@ def test_mixed_adapters_in_one_batch_give_each_row_its_own_text(tiny_model_path,
     assert alone(peft_model, tokenizer, spec, PROMPTS[0], settings) == expected[5]
 
 
-def test_unknown_adapter_fails_only_its_request(base, tokenizer, spec, settings):
-    e = new_engine(base, tokenizer)
+def test_unknown_adapter_fails_only_its_request(static, base, tokenizer, spec, settings):
+    e = new_engine(base, tokenizer, static)
     results = []
     for adapter in ("gone", None):
         e.submit(engine.Request(ids(tokenizer, "猫", spec), settings, adapter=adapter, on_done=results.append))
@@ -172,20 +179,26 @@ def test_unknown_adapter_fails_only_its_request(base, tokenizer, spec, settings)
     assert isinstance(results[0], engine.UnknownAdapter) and results[1] == alone(base, tokenizer, spec, "猫", settings)
 
 
-def test_free_slots_run_for_longer_than_the_cache(base, tokenizer, spec, settings):
+def test_free_slots_run_for_longer_than_the_cache(static, base, tokenizer, spec, settings):
     """A slot left free while another row decodes for many steps keeps decoding unread tokens inside its cache."""
-    e = engine.Engine(tokenizer, slots=2, length=64)
-    e.load(base, {None: 0})
+    e = new_engine(base, tokenizer, static, slots=2, length=64)
     for prompt in PROMPTS[:3]:  # one after another, so slot 1 idles through more steps than the cache holds
         limited = dataclasses.replace(settings, max_new_tokens=64 - len(ids(tokenizer, prompt, spec)))
         got = e.complete([engine.Request(ids(tokenizer, prompt, spec), limited)])
         assert got == [alone(base, tokenizer, spec, prompt, limited)]
 
 
-def test_sampled_and_greedy_rows_share_a_batch(base, tokenizer, spec, settings):
+def test_sampled_and_greedy_rows_share_a_batch(static, base, tokenizer, spec, settings):
     sampled = dataclasses.replace(settings, do_sample=True, temperature=1.5, top_p=0.9)
-    e = new_engine(base, tokenizer, slots=4)  # two slots never used: their rows must not break sampling
+    e = new_engine(base, tokenizer, static, slots=4)  # two slots never used: their rows must not break sampling
     greedy, drawn = e.complete([engine.Request(ids(tokenizer, PROMPTS[0], spec), settings),
                                 engine.Request(ids(tokenizer, PROMPTS[0], spec), sampled)])
     assert greedy == alone(base, tokenizer, spec, PROMPTS[0], settings)
     assert drawn.completion_tokens == NEW or drawn.finish_reason == "stop"
+
+
+def test_decode_buckets_cover_every_batch_and_length():
+    assert engine.powers_of_two(32, 1) == [1, 2, 4, 8, 16, 32]
+    assert engine.powers_of_two(1536, 64) == [64, 128, 256, 512, 1024, 1536]
+    assert engine.powers_of_two(3, 1) == [1, 2, 3] and engine.powers_of_two(40, 64) == [40]
+    assert [engine.fitting([1, 2, 4], n) for n in (1, 2, 3, 4)] == [1, 2, 4, 4]

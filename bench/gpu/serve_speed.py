@@ -167,21 +167,36 @@ class PlainBatch:
     def __init__(self, adapter: Path, device: str):
         from ray_sft import engine, generate
 
-        loaded = generate.load(adapter, merge=True, device=device)
+        self.loaded = loaded = generate.load(adapter, merge=True, device=device)
         self.tokenizer, self.settings = loaded.tokenizer, loaded.spec.generation
         self.engine = engine.Engine(loaded.tokenizer, CONCURRENCY, generate.longest_request(loaded.spec))
-        self.engine.load(loaded.model, {None: 0})  # on CUDA: the decode step's graph is captured here
+        started = time.perf_counter()
+        self.engine.load(loaded.model, {None: 0})  # on CUDA: the decode step's graphs are captured here
+        self.load_s = time.perf_counter() - started
 
-    def __call__(self, prompts: list[str]) -> dict:
+    def requests(self, prompts: list[str]) -> list:
         from ray_sft import engine
 
-        requests = [engine.Request(self.tokenizer(p, add_special_tokens=False)["input_ids"], self.settings)
-                    for p in prompts[:CONCURRENCY]]
+        return [engine.Request(self.tokenizer(p, add_special_tokens=False)["input_ids"], self.settings)
+                for p in prompts[:CONCURRENCY]]
+
+    def __call__(self, prompts: list[str]) -> dict:
+        requests = self.requests(prompts)
         started = time.perf_counter()
         done = self.engine.complete(requests)
         wall = time.perf_counter() - started
         counts = [c.completion_tokens for c in done]
         return row(sum(counts), wall, [wall] * len(done), counts)
+
+    def same_text_as_eager(self, prompts: list[str]) -> str:
+        """The graphed batch's answers against the same engine decoding eagerly (only live rows, exact key count):
+        a wrong bucket would change every answer; bf16 rounding only the odd near-tie."""
+        from ray_sft import engine
+
+        eager = engine.Engine(self.tokenizer, CONCURRENCY, self.engine.length, static=False)
+        eager.load(self.loaded.model, {None: 0})
+        graphed, plain = self.engine.complete(self.requests(prompts)), eager.complete(self.requests(prompts))
+        return f"{sum(a.text == b.text for a, b in zip(graphed, plain))}/{len(plain)}"
 
 
 def bench_server(url: str, prompts: list[str], models: list[str], concurrency: int, requests: int) -> dict:
@@ -330,7 +345,9 @@ def main() -> None:
         log(f"loop: {report['loop']}")
         plain = PlainBatch(adapters[first], args.device)
         plain(prompts)  # warm-up
-        log("plain batch ready")
+        report["engine_load_s"], report["graphed_same_text_as_eager"] = plain.load_s, plain.same_text_as_eager(prompts)
+        log(f"plain batch ready: engine load (graph capture) {plain.load_s:.1f}s, same text as eager "
+            f"{report['graphed_same_text_as_eager']}")
         save()
 
         from ray_sft import cluster, serve

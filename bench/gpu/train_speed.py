@@ -46,8 +46,8 @@ CONFIGS = {
     "ray-recipe": ("ray", RECIPE_SPEC, []),
     "plain-fast": ("plain", FAST_SPEC, []),
     "ray-fast": ("ray", FAST_SPEC, []),
-    # The plain process inside a one-rank process group with torchrun's variables, as Ray Train used to leave a
-    # single worker (train.leave_single_rank_group): what the group alone costs.
+    # The plain process inside a one-rank process group with torchrun's variables, as Ray Train sets up a single
+    # worker (before train.leave_single_rank_group): what the group alone costs.
     "plain-fast-group": ("plain-group", FAST_SPEC, []),
     "plain-fast-compiled": ("plain", FAST_SPEC, COMPILED),
     "ray-fast-compiled": ("ray", FAST_SPEC, COMPILED),
