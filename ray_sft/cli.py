@@ -270,21 +270,16 @@ def _bad_input(exc: Exception) -> bool:
 
 
 def check_data(job, file=None) -> None:
-    """The data checks that need no cluster, before any starts: a bad source is exit 2 within seconds."""
-    from ray_sft import data
+    """The input checks that need no cluster, before any starts: the base's tokenizer and the rows, from files or the
+    Hub (a Hub dataset is downloaded here, into the cache the run reads again). A bad file, model id, dataset id,
+    split or revision is exit 2 within seconds, naming it."""
+    from ray_sft import data, modeling
     from ray_sft.console import say
 
     rows = data.check_source(job.data)
     if rows is None:
-        say(f"data: Hub dataset {job.data.source} (split {job.data.split}); read when the run starts", file)
-        return
-    from ray_sft import modeling
-
-    try:
-        tokenizer = modeling.load_tokenizer(modeling.resolve_model_path(job), job.model)
-    except OSError as exc:  # a Hub tokenizer offline: the run itself will say so; the rows are checked
-        say(f"data: {job.data.source}: {len(rows)} rows; token lengths not checked ({exc})", file)
-        return
+        rows = data.read_rows(job.data)
+    tokenizer = modeling.load_tokenizer(modeling.resolve_model_path(job), job.model)
     examples = data.format_rows(rows, job.data, job.prompt, tokenizer, job.training.max_length)
     say(f"data: {job.data.source}: {data.describe(examples, job.training.max_length)}", file)
 

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,19 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     if ray.is_initialized():
         yield
         return
-    temp_dir = None
+    from ray_sft.console import say
+
+    temp_dir, started = None, time.monotonic()
     runtime_env = {"env_vars": {k: os.environ[k] for k in RAY_ENV}}
     if not embedded(address):
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        where = f"joined {address or os.environ['RAY_ADDRESS']}"
     else:
         temp_dir = _start_local(num_cpus, runtime_env)
+        where = "local Ray cluster up"
+    resources = ray.cluster_resources()
+    say(f"cluster: {where} in {time.monotonic() - started:.0f}s ({resources.get('CPU', 0):g} CPUs, "
+        f"{resources.get('GPU', 0):g} GPUs)")
     try:
         yield
     finally:

@@ -13,18 +13,57 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 OWN_PREFIX = "[ray-sft"
 LOG_DIR = "logs"
+# run_files.progress_line's format: "[ray-sft] step 3/47 | loss 1.2345 | ... | ETA 12s"
+STEP_LINE = re.compile(r"^\[ray-sft\] step (\d+)/(\d+) \| (.*?)(?: \| ETA [^|]*)?$")
 
 _terminal = None  # the console while `quiet` holds the real stdout; None: sys.stdout is the console
+_progress = None  # the console's Progress while `quiet` holds it
 
 
 def show(line: str) -> None:
     """One ray_sft line on the console (inside a Ray worker: on its stdout, which the driver echoes)."""
-    print(line, file=_terminal or sys.stdout, flush=True)
+    if _progress is not None:
+        _progress.line(line)
+    else:
+        print(line, file=_terminal or sys.stdout, flush=True)
+
+
+class Progress:
+    """ray_sft's lines on `stream`: on a terminal the step lines of a run become one live bar (tqdm: steps, rate,
+    ETA, the latest loss) with every other line printed above it; elsewhere (CI, Ray job logs, a file) each line
+    is printed as it comes, so logs stay plain text."""
+
+    def __init__(self, stream):
+        self.stream, self.bar = stream, None
+        self.live = stream.isatty()
+
+    def line(self, text: str) -> None:
+        step = STEP_LINE.match(text) if self.live else None
+        if step is None:
+            if self.bar is not None:
+                self.bar.write(text, file=self.stream)  # above the bar, which is redrawn below
+            else:
+                print(text, file=self.stream, flush=True)
+            return
+        done, total, latest = int(step[1]), int(step[2]), step[3]
+        if self.bar is None or self.bar.total != total or done < self.bar.n:  # a new run (or a resumed one)
+            self.close()
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=self.stream, unit="step", dynamic_ncols=True, desc="[ray-sft] training")
+        self.bar.set_postfix_str(latest, refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def say(line: str, file=None) -> None:
@@ -38,7 +77,7 @@ def say(line: str, file=None) -> None:
 @contextlib.contextmanager
 def quiet(run_dir: Path, verbose: bool = False):
     """Library and Ray output to <run_dir>/logs/console.log, ray_sft's own lines to the console; verbose: as is."""
-    global _terminal
+    global _terminal, _progress
 
     if verbose or _terminal is not None:
         yield
@@ -50,6 +89,7 @@ def quiet(run_dir: Path, verbose: bool = False):
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     _terminal, owned = _console_stream()
+    _progress = Progress(_terminal)
     with open(log_dir / "console.log", "a", encoding="utf-8") as log_file:
         os.dup2(log_file.fileno(), 1)
         os.dup2(log_file.fileno(), 2)
@@ -59,6 +99,8 @@ def quiet(run_dir: Path, verbose: bool = False):
             yield
         finally:
             echo()
+            _progress.close()
+            _progress = None
             logging.getLogger("ray_sft").removeHandler(handler)
             sys.stdout.flush()
             sys.stderr.flush()
@@ -84,11 +126,18 @@ def _console_stream():
 
 def _own_warnings_to_terminal() -> logging.Handler:
     """ray_sft's own warnings still reach the console (they say something a person should act on)."""
-    handler = logging.StreamHandler(_terminal)
+    handler = _Shown()
     handler.setLevel(logging.WARNING)
     handler.setFormatter(logging.Formatter(f"{OWN_PREFIX}] warning: %(message)s"))
     logging.getLogger("ray_sft").addHandler(handler)
     return handler
+
+
+class _Shown(logging.Handler):
+    """Log records as console lines (through `show`, so a live progress bar stays below them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        show(self.format(record))
 
 
 def _echo_own_worker_lines():
@@ -103,7 +152,7 @@ def _echo_own_worker_lines():
     def echo(batch: dict) -> None:
         for line in batch.get("lines", ()):
             if line.startswith(OWN_PREFIX):
-                show(line)
+                show(line)  # step lines feed the live bar on a terminal
 
     dispatcher.add_handler("ray_sft_echo", echo)
     return lambda: dispatcher.remove_handler("ray_sft_echo")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUICKSTART, REPO
+from tests.conftest import QUICKSTART, REPO, free_port
 
 # Runs the CLI, then says on stderr whether Ray was ever imported: a verb that never imports ray never starts it.
 PROBE = ("import sys; from ray_sft.cli import main; code = main(sys.argv[1:]); "
@@ -193,17 +193,9 @@ def test_quiet_console_keeps_only_own_lines(tmp_path, verbose):
         assert all(line in logged for line in noise)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_quickstart_console_is_short_and_library_output_is_in_the_logs(tmp_path):
-    result = ray_sft("run", str(QUICKSTART), f"output.dir={tmp_path}", f"serve.port={_free_port()}", timeout=600)
+    result = ray_sft("run", str(QUICKSTART), f"output.dir={tmp_path}", f"serve.port={free_port()}", timeout=600)
     console = result.stdout + result.stderr
     assert result.returncode == 0, console
     lines = console.splitlines()

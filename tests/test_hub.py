@@ -95,8 +95,6 @@ def test_recipe_trains_from_hub_ids_and_generates(hub_env, tmp_path):
     assert generated.stdout.strip()
 
 
-# Slow: each starts the local Ray cluster (about 20 s here) before the driver reads the model and the data.
-@pytest.mark.slow
 @pytest.mark.parametrize("override, named", [
     ("model.name_or_path=llm-jp/no-such-model", "llm-jp/no-such-model"),
     ("data.source=llm-jp/no-such-dataset", "llm-jp/no-such-dataset"),
