@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests import hub_cache
-from tests.conftest import BUNDLED_DATA, REPO
+from tests.conftest import BUNDLED_DATA, REPO, free_port
 
 RECIPE = REPO / "jobs" / "llm-jp-3-1.8b-dolly-ja.yaml"
 PROMPT = "時間管理能力をあげるには?"
@@ -79,9 +79,16 @@ def test_dataset_rows_keep_the_real_columns(hub_env, monkeypatch):
 
 
 @pytest.mark.slow
-def test_recipe_trains_from_hub_ids_and_generates(hub_env, tmp_path):
-    done = ray_sft(hub_env, "train", str(RECIPE), *CPU, *SIZE, f"output.dir={tmp_path}")
+def test_recipe_trains_serves_and_generates_from_hub_ids(hub_env, tmp_path):
+    """`ray-sft run -v`: train, then serve the adapter (the replica loads the base by the Hub id recorded beside it)
+    and ask it the sample prompt over HTTP; then `ray-sft generate` loads the same way. With -v the console shows
+    the libraries' and Ray workers' output too, and no logs/ folder is written."""
+    done = ray_sft(hub_env, "run", str(RECIPE), *CPU, *SIZE, f"output.dir={tmp_path}", f"serve.port={free_port()}",
+                   "generation.max_new_tokens=4", "-v")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "sample completion: " in done.stdout
+    assert "TrainingReport(" in done.stdout + done.stderr and "(RayTrainWorker" in done.stdout + done.stderr
+    assert not list(tmp_path.glob("*/logs"))
     adapter = next(tmp_path.glob("*/adapter"))
     run_dir = adapter.parent
     config = json.loads((adapter / "adapter_config.json").read_text())
