@@ -173,7 +173,7 @@ def model_card(spec: JobSpec, base_model: str, metrics: dict, tracking: dict | N
         "## Resolved job spec",
         "",
         "```yaml",
-        yaml.safe_dump(_public_paths(to_dict(spec)), sort_keys=False, allow_unicode=True).rstrip(),
+        yaml.safe_dump(_public_paths(_made_by(to_dict(spec))), sort_keys=False, allow_unicode=True).rstrip(),
         "```",
         "",
     ]
@@ -191,6 +191,12 @@ def hub_base_id(spec: JobSpec, base_model: str) -> str | None:
 def public_ref(ref: str) -> str:
     """A model or data reference as a published file may show it: a Hub id as is, a local path by its name."""
     return ref if is_hub_id(ref) else Path(ref).name
+
+
+def _made_by(spec: dict) -> dict:
+    """The spec without its tracking section: where a run was tracked is not how the adapter was made, and a
+    tracking server's address is not for a public card (the Tracking section names the runs by id)."""
+    return {k: v for k, v in spec.items() if k != "tracking"}
 
 
 def _public_paths(value):

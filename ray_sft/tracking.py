@@ -96,10 +96,10 @@ class Tracker:
         """Files and folders (the adapter, plots) as the run's artifacts where the backend keeps them."""
         _each(self.backends, "log_artifacts", [Path(p) for p in paths if p and Path(p).exists()])
 
-    def conclude(self, rows: list[dict], best: dict | None, children: dict[str, dict]) -> None:
-        """A search's end: each trial's status, the winner tagged, the results on the parent. `children`: each
-        trial's read_links by trial id."""
-        _each(self.backends, "conclude", rows, best, children)
+    def conclude(self, rows: list[dict], best: dict | None, trial_dirs: dict[str, Path]) -> None:
+        """A search's end: each trial's status, the winner tagged, the results on the parent. `trial_dirs`: each
+        trial's run folder by trial id."""
+        _each(self.backends, "conclude", rows, best, trial_dirs)
 
     def __enter__(self):
         return self
@@ -221,7 +221,7 @@ class _Backend:
     def log_artifacts(self, paths: list[Path]) -> None:
         """Only MLflow keeps files; elsewhere they stay in the run folder."""
 
-    def conclude(self, rows: list[dict], best: dict | None, children: dict[str, dict]) -> None:
+    def conclude(self, rows: list[dict], best: dict | None, trial_dirs: dict[str, Path]) -> None:
         """Only for a search's parent."""
 
     def close(self, status: str) -> None:
@@ -274,10 +274,10 @@ class Mlflow(_Backend):
         if urlsplit(settings.uri).scheme in ("http", "https"):
             _reachable(f"{settings.uri.rstrip('/')}/health", spec.tracking.timeout_s, "the tracking server")
         client = _mlflow_client(spec)
-        experiment = settings.experiment or spec.output.name
         if previous:
             client.update_run(previous["run_id"], status="RUNNING")
             return previous
+        experiment = parent["experiment"] if parent else settings.experiment or spec.output.name
         experiment_id = parent["experiment_id"] if parent else _experiment_id(client, experiment)
         tags = {"ray_sft.kind": kind, **({PARENT_TAG: parent["run_id"]} if parent else {})}
         run_id = client.create_run(experiment_id, tags=tags, run_name=spec.output.name).info.run_id
@@ -308,8 +308,9 @@ class Mlflow(_Backend):
             else:
                 self.client.log_artifact(self.link["run_id"], str(path))
 
-    def conclude(self, rows: list[dict], best: dict | None, children: dict[str, dict]) -> None:
+    def conclude(self, rows: list[dict], best: dict | None, trial_dirs: dict[str, Path]) -> None:
         """Each trial's status (a trial ASHA stops ends without closing its run: KILLED here), the winner's tag."""
+        children = {trial_id: read_links(folder) for trial_id, folder in trial_dirs.items()}
         for row in rows:
             child = children[row["trial_id"]].get(self.name)
             if child:
@@ -416,9 +417,12 @@ class Wandb(_Backend):
             self._live.finish()
             self._live = None
 
-    def conclude(self, rows: list[dict], best: dict | None, children: dict[str, dict]) -> None:
+    def conclude(self, rows: list[dict], best: dict | None, trial_dirs: dict[str, Path]) -> None:
         import wandb
 
+        for row in rows:
+            if trial_status(row) != "completed":
+                self._rewrite(trial_dirs[row["trial_id"]], trial_status(row))
         run = self._run()
         columns = [k for k in (rows[0] if rows else {}) if k != "checkpoint"]
         run.log({"trials": wandb.Table(columns=[*columns, "end"], data=[
@@ -431,6 +435,28 @@ class Wandb(_Backend):
         if self._live is not None:
             self._live.finish(exit_code=0 if status == "FINISHED" else 1)
             self._live = None
+
+    @staticmethod
+    def _rewrite(trial_dir: Path, status: str) -> None:
+        """A trial that ASHA stopped (or that failed) died with its W&B run unfinished, and W&B had not yet written
+        what it buffered: the run is written again from the trial's metrics.jsonl, which holds every report up to
+        the end (online, W&B keeps the steps it already has)."""
+        from ray_sft import run_files
+        from ray_sft.spec import load
+
+        link = read_links(trial_dir).get(Wandb.name)
+        if not link:
+            return
+        if link["mode"] == "offline":
+            for partial in trial_dir.glob(f"wandb/offline-run-*-{link['id']}"):
+                shutil.rmtree(partial)
+        trial = Wandb(load(trial_dir / "spec.yaml"), trial_dir, "trial", link)
+        try:
+            trial._run().tags = (status,)
+            for record in run_files.read_metrics(trial_dir):
+                ReportLogger([trial]).after_report(None, [record], None)
+        finally:
+            trial.close("FINISHED")
 
 
 def _cell(value):

@@ -155,8 +155,8 @@ def search(spec: JobSpec, resume: bool = False) -> TuneOutcome:
     with tracking.Tracker.open(spec, run_dir, resume, "search") as tracker:
         grid = _tuner(spec, run_dir, run_name, share, resume, tracker.parent()).fit()
         outcome = collect(spec, run_dir, grid, tracker.links())
-        trials = {r["trial_id"]: tracking.read_links(run_dir / TRIALS_DIR / r["trial_id"]) for r in outcome.rows}
-        tracker.conclude(outcome.rows, outcome.best, trials)
+        tracker.conclude(outcome.rows, outcome.best, {r["trial_id"]: run_dir / TRIALS_DIR / r["trial_id"]
+                                                      for r in outcome.rows})
         tracker.log_artifacts([outcome.best and outcome.best["adapter"], *sorted(run_dir.glob("trials.*")),
                                run_dir / "best.json"])
     return outcome
