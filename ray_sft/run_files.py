@@ -16,6 +16,7 @@ import yaml
 from ray_sft.console import show
 from ray_sft.data import render_prompt
 from ray_sft.spec import JobSpec, is_hub_id, to_dict, to_yaml
+from ray_sft.tracking import public_links
 
 METRICS = "metrics.jsonl"
 RAY_RUN = "ray_run.json"
@@ -99,8 +100,9 @@ class MetricsCallback(_user_callback_base()):
 
 
 def export_adapter(checkpoint, run_dir: Path, spec: JobSpec, base_model: str, metrics: dict,
-                   target: Path | None = None) -> Path:
-    """Copy the adapter + tokenizer out of a Ray checkpoint into `target` (default <run>/adapter) with a card."""
+                   target: Path | None = None, tracking: dict | None = None) -> Path:
+    """Copy the adapter + tokenizer out of a Ray checkpoint into `target` (default <run>/adapter) with a card that
+    names the tracking runs in `tracking` (tracking.Tracker.links)."""
     target = Path(target or run_dir / "adapter")
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -114,7 +116,7 @@ def export_adapter(checkpoint, run_dir: Path, spec: JobSpec, base_model: str, me
             if (source / name).is_file():
                 shutil.copy2(source / name, staging / name)
     _point_adapter_at_base(staging / "adapter_config.json", spec, base_model)
-    (staging / "README.md").write_text(model_card(spec, base_model, metrics), encoding="utf-8")
+    (staging / "README.md").write_text(model_card(spec, base_model, metrics, tracking), encoding="utf-8")
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)  # readers never see a half-written adapter
     return target
@@ -132,7 +134,7 @@ def _point_adapter_at_base(config_path: Path, spec: JobSpec, base_model: str) ->
 USAGE_REPO = "OWNER/NAME"
 
 
-def model_card(spec: JobSpec, base_model: str, metrics: dict) -> str:
+def model_card(spec: JobSpec, base_model: str, metrics: dict, tracking: dict | None = None) -> str:
     """The adapter's README: Hub metadata, what it was trained on and how to use it.
 
     A path on this machine means nothing to the card's readers and tells them about the machine: the base and
@@ -167,10 +169,11 @@ def model_card(spec: JobSpec, base_model: str, metrics: dict) -> str:
         "",
         *[f"- {k}: {v:.6g}" for k, v in sorted(shown.items())],
         "",
+        *(["## Tracking", "", *public_links(tracking), ""] if tracking else []),
         "## Resolved job spec",
         "",
         "```yaml",
-        yaml.safe_dump(_public_paths(to_dict(spec)), sort_keys=False, allow_unicode=True).rstrip(),
+        yaml.safe_dump(_public_paths(_made_by(to_dict(spec))), sort_keys=False, allow_unicode=True).rstrip(),
         "```",
         "",
     ]
@@ -188,6 +191,12 @@ def hub_base_id(spec: JobSpec, base_model: str) -> str | None:
 def public_ref(ref: str) -> str:
     """A model or data reference as a published file may show it: a Hub id as is, a local path by its name."""
     return ref if is_hub_id(ref) else Path(ref).name
+
+
+def _made_by(spec: dict) -> dict:
+    """The spec without its tracking section: where a run was tracked is not how the adapter was made, and a
+    tracking server's address is not for a public card (the Tracking section names the runs by id)."""
+    return {k: v for k, v in spec.items() if k != "tracking"}
 
 
 def _public_paths(value):

@@ -251,6 +251,39 @@ class OutputSpec:
 
 
 @dataclass
+class MlflowSpec:
+    # The tracking server (http(s)://HOST:PORT) or store URI (sqlite:///..., a folder); required for mlflow. Never
+    # put credentials in it: they come from the environment variables named below (MLflow's own names by default).
+    uri: Optional[str] = None
+    experiment: Optional[str] = None  # default: output.name
+    username_env: str = "MLFLOW_TRACKING_USERNAME"
+    password_env: str = "MLFLOW_TRACKING_PASSWORD"
+    token_env: str = "MLFLOW_TRACKING_TOKEN"
+    # Upload the adapter and plots as the run's artifacts (a recipe-sized adapter with modules_to_save is hundreds
+    # of MB, once per run and once per finished trial).
+    log_artifacts: bool = True
+
+
+@dataclass
+class WandbSpec:
+    project: str = "ray_sft"
+    entity: Optional[str] = None  # default: the API key's own
+    # offline: the run is written to <run>/wandb/ and uploaded later with `wandb sync`; no network, no key.
+    mode: Literal["online", "offline"] = "online"
+    api_key_env: str = "WANDB_API_KEY"
+    base_url: Optional[str] = None  # a self-hosted W&B server; default: W&B's own
+
+
+@dataclass
+class TrackingSpec:
+    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    # Seconds a tracker may take to answer (at the start: to be reached at all) before the run goes on without it.
+    timeout_s: float = field(default=10, metadata=POSITIVE)
+    mlflow: MlflowSpec = field(default_factory=MlflowSpec)
+    wandb: WandbSpec = field(default_factory=WandbSpec)
+
+
+@dataclass
 class JobSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
@@ -263,6 +296,7 @@ class JobSpec:
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     serve: ServeSpec = field(default_factory=ServeSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
 
     @property
     def run_dir(self) -> Path:
@@ -296,7 +330,7 @@ def _search_space_errors(space: dict[str, dict[str, list]]) -> list[str]:
     leaves = field_paths()
     for key, dist in space.items():
         where = f"tune.search_space.{key}"
-        if key.startswith("tune.") or key not in leaves:
+        if key.startswith(("tune.", "tracking.")) or key not in leaves:
             errors.append(f"{where}: not a searchable spec field")
         if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
             errors.append(f"{where}: must be one of {{{', '.join(sorted(DISTRIBUTIONS))}: [...]}}")
@@ -339,8 +373,26 @@ def _cross_field_errors(spec: JobSpec) -> list[str]:
     if spec.tune.search_alg == "optuna" and any("grid" in d for d in spec.tune.search_space.values()):
         errors.append("tune.search_alg: optuna cannot sample grid dimensions")
     errors += _search_space_errors(spec.tune.search_space)
+    errors += _tracking_errors(spec.tracking)
     if not errors:  # probed only once the rest is valid, or each probe would repeat the other errors
         errors += _search_value_errors(spec)
+    return errors
+
+
+def _tracking_errors(tracking: TrackingSpec) -> list[str]:
+    from urllib.parse import urlsplit
+
+    errors = []
+    if len(set(tracking.backends)) != len(tracking.backends):
+        errors.append("tracking.backends: names a backend twice")
+    if "mlflow" in tracking.backends and not tracking.mlflow.uri:
+        errors.append("tracking.mlflow.uri: needed with the mlflow backend (http://HOST:PORT, or a store URI)")
+    # The spec is written to spec.yaml, model cards and the trackers themselves: credentials live in the
+    # environment only, in the variables the spec names.
+    for where, uri, names in (("tracking.mlflow.uri", tracking.mlflow.uri, "tracking.mlflow.*_env"),
+                              ("tracking.wandb.base_url", tracking.wandb.base_url, "tracking.wandb.api_key_env")):
+        if uri and (urlsplit(uri).username or urlsplit(uri).password):
+            errors.append(f"{where}: holds credentials; put them in the environment variables named by {names}")
     return errors
 
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray_sft import run_files
+from ray_sft import run_files, tracking
 from ray_sft.execution import RecipeNeftune, compile_layers, micro_batching, truncate_rows
 from ray_sft.spec import JobSpec, from_dict, to_dict
 
@@ -417,12 +417,12 @@ def check_fits(spec: JobSpec, resources: dict, cluster: dict) -> None:
                              f"but the Ray cluster has {have:g} {name} in total")
 
 
-def fit(spec: JobSpec, resume: bool = False, trial: bool = False,
-        crash: InjectedCrash | None = None) -> TrainOutcome:
+def fit(spec: JobSpec, resume: bool = False, trial: bool = False, crash: InjectedCrash | None = None,
+        parent: tracking.Parent | None = None) -> TrainOutcome:
     """Run distributed QLoRA SFT for `spec` on the connected Ray cluster and export the final adapter.
 
     With `trial=True` (inside a Ray Tune trial) each Ray Train report that carries spec.tune.metric is also
-    forwarded to Tune.
+    forwarded to Tune, and the run is tracked as a trial of the search whose runs `parent` names.
     """
     import ray
     import ray.data
@@ -449,38 +449,41 @@ def fit(spec: JobSpec, resume: bool = False, trial: bool = False,
     run_files.write_spec(run_dir, spec)
     if not resume:
         run_files.reset_run_outputs(run_dir)
-    callbacks = [run_files.MetricsCallback(str(run_dir), echo=not trial)]
-    if trial:
-        callbacks.append(_tune_report_callback(spec.tune.metric, spec.tune.mode))
     datasets_ = {"train": ray.data.from_items(examples.train)}
     if examples.eval:
         datasets_["eval"] = ray.data.from_items(examples.eval)
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"spec": to_dict(spec), "model_path": model_path, "run_dir": str(run_dir),
-                           "has_eval": bool(examples.eval), "cpus_per_worker": spec.scaling.cpus_per_worker,
-                           "crash": dataclasses.asdict(crash) if crash else None},
-        scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
-        # Every worker reads the whole train set and takes its own stride (shard_rows); every worker evaluates
-        # on the whole eval set, which accelerate shards and gathers itself.
-        dataset_config=DataConfig(datasets_to_split=[]),
-        datasets=datasets_,
-        run_config=RunConfig(
-            name=run_name, storage_path=spec.storage_path, callbacks=callbacks,
-            failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.training.save_total_limit)),
-    )
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        raise TrainError(f"training failed after {spec.scaling.max_failures} allowed restart(s): "
-                         f"{_root_cause(exc)}\ncheckpoints written so far are kept under "
-                         f"{spec.storage_path}/{run_name}; continue with --resume") from None
-    if result.checkpoint is None:
-        raise TrainError("training finished without a checkpoint to export")
-    adapter_dir = run_files.export_adapter(result.checkpoint, run_dir, spec, model_path, result.metrics)
-    run_files.plot_loss(run_dir)
+    with tracking.Tracker.open(spec, run_dir, resume, "trial" if trial else "train", parent) as tracker:
+        # In this order: a report is on disk, then tracked, then (a trial) acted on by Tune, which may end it.
+        callbacks = [run_files.MetricsCallback(str(run_dir), echo=not trial), tracker.callback()]
+        if trial:
+            callbacks.append(_tune_report_callback(spec.tune.metric, spec.tune.mode))
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"spec": to_dict(spec), "model_path": model_path, "run_dir": str(run_dir),
+                               "has_eval": bool(examples.eval), "cpus_per_worker": spec.scaling.cpus_per_worker,
+                               "crash": dataclasses.asdict(crash) if crash else None},
+            scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker=resources),
+            # Every worker reads the whole train set and takes its own stride (shard_rows); every worker evaluates
+            # on the whole eval set, which accelerate shards and gathers itself.
+            dataset_config=DataConfig(datasets_to_split=[]),
+            datasets=datasets_,
+            run_config=RunConfig(
+                name=run_name, storage_path=spec.storage_path, callbacks=callbacks,
+                failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=spec.training.save_total_limit)),
+        )
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as exc:
+            raise TrainError(f"training failed after {spec.scaling.max_failures} allowed restart(s): "
+                             f"{_root_cause(exc)}\ncheckpoints written so far are kept under "
+                             f"{spec.storage_path}/{run_name}; continue with --resume") from None
+        if result.checkpoint is None:
+            raise TrainError("training finished without a checkpoint to export")
+        adapter_dir = run_files.export_adapter(result.checkpoint, run_dir, spec, model_path, result.metrics,
+                                               tracking=tracker.links())
+        tracker.log_artifacts([adapter_dir, run_files.plot_loss(run_dir)])
     return TrainOutcome(run_dir, adapter_dir, dict(result.metrics), result.checkpoint.path)
 
 

@@ -19,6 +19,9 @@ Per-trial resources (the rule, also in the README):
 - Trials at once: tune.max_concurrent_trials, else as many as fit in the cluster's CPUs (and GPUs), at most the
   number of trials. Tune itself only sees the drivers' slivers, so this limit is always set explicitly.
 
+Tracking (ray_sft.tracking): the search is one parent run and each trial, a plain train.fit, a child of it; at the
+end the parent marks each trial's end (ASHA's stops) and the winner.
+
 Stopping: ASHA counts one rung step per eval report (time_attr training_iteration); a trial it stops keeps its
 files, and shows `stopped_early` (fewer steps than its max_steps) in the table. PBT is refused: it needs trials
 that restore each other's checkpoints with new hyperparameters, which train.fit does not do.
@@ -32,7 +35,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray_sft import run_files
+from ray_sft import run_files, tracking
 from ray_sft.console import show
 from ray_sft.spec import JobSpec, SpecError, with_values
 
@@ -149,12 +152,17 @@ def search(spec: JobSpec, resume: bool = False) -> TuneOutcome:
     run_files.write_spec(run_dir, spec)
     show(f"[ray-sft tune] {trial_count(spec)} trial(s), {share.concurrent} at once, each {share.cpus:g} CPU"
          + (f" + {share.gpus:g} GPU" if share.use_gpu else ""))
-    tuner = _tuner(spec, run_dir, run_name, share, resume)
-    grid = tuner.fit()
-    return collect(spec, run_dir, grid)
+    with tracking.Tracker.open(spec, run_dir, resume, "search") as tracker:
+        grid = _tuner(spec, run_dir, run_name, share, resume, tracker.parent()).fit()
+        outcome = collect(spec, run_dir, grid, tracker.links())
+        tracker.conclude(outcome.rows, outcome.best, {r["trial_id"]: run_dir / TRIALS_DIR / r["trial_id"]
+                                                      for r in outcome.rows})
+        tracker.log_artifacts([outcome.best and outcome.best["adapter"], *sorted(run_dir.glob("trials.*")),
+                               run_dir / "best.json"])
+    return outcome
 
 
-def _trainable(base: JobSpec, run_dir: Path, share: TrialShare):
+def _trainable(base: JobSpec, run_dir: Path, share: TrialShare, parent: tracking.Parent):
     from ray import tune
 
     def trial(params: dict) -> None:
@@ -162,15 +170,15 @@ def _trainable(base: JobSpec, run_dir: Path, share: TrialShare):
 
         job = trial_spec(base, params, tune.get_context().get_trial_id(), run_dir, share)
         # A trial Tune restarts (resume after an interruption or error) continues its own Ray Train run.
-        train.fit(job, resume=(job.run_dir / run_files.RAY_RUN).is_file(), trial=True)
+        train.fit(job, resume=(job.run_dir / run_files.RAY_RUN).is_file(), trial=True, parent=parent)
 
     return tune.with_resources(trial, {"CPU": DRIVER_CPU})
 
 
-def _tuner(spec: JobSpec, run_dir: Path, run_name: str, share: TrialShare, resume: bool):
+def _tuner(spec: JobSpec, run_dir: Path, run_name: str, share: TrialShare, resume: bool, parent: tracking.Parent):
     from ray import tune
 
-    trainable = _trainable(spec, run_dir, share)
+    trainable = _trainable(spec, run_dir, share, parent)
     path = f"{spec.storage_path}/{run_name}"
     if resume:
         if not tune.Tuner.can_restore(path):
@@ -251,14 +259,15 @@ def _short(value) -> str:
 # Results
 
 
-def collect(spec: JobSpec, run_dir: Path, grid) -> TuneOutcome:
-    """The results table, plot, best.json and best/adapter from a finished (or partly failed) experiment."""
+def collect(spec: JobSpec, run_dir: Path, grid, links: dict) -> TuneOutcome:
+    """The results table, plot, best.json and best/adapter from a finished (or partly failed) experiment; `links`:
+    the search's tracking runs (tracking.Tracker.links)."""
     rows = [trial_row(spec, run_dir, result) for result in grid]
     rows.sort(key=lambda r: r["trial_id"])
     write_table(run_dir, rows)
     plot = plot_trials(run_dir, rows, spec.tune.metric)
     show(f"[ray-sft tune] table: {run_dir / 'trials.csv'}; plot: {plot}")
-    best = export_best(spec, run_dir, rows)
+    best = export_best(spec, run_dir, rows, links)
     return TuneOutcome(run_dir, rows, best, [r["trial_id"] for r in rows if r["status"] == "ERROR"])
 
 
@@ -323,8 +332,9 @@ def plot_trials(run_dir: Path, rows: list[dict], metric: str) -> Path:
     return path
 
 
-def export_best(spec: JobSpec, run_dir: Path, rows: list[dict]) -> dict | None:
-    """The winner's best checkpoint as <run>/best/adapter (train's PEFT export) and <run>/best.json."""
+def export_best(spec: JobSpec, run_dir: Path, rows: list[dict], links: dict) -> dict | None:
+    """The winner's best checkpoint as <run>/best/adapter (train's PEFT export) and <run>/best.json, both naming the
+    winner's tracking runs (best.json also the search's)."""
     import ray.train
 
     from ray_sft import modeling
@@ -338,10 +348,13 @@ def export_best(spec: JobSpec, run_dir: Path, rows: list[dict]) -> dict | None:
     trial_dir = run_dir / TRIALS_DIR / winner["trial_id"]
     trial = load(trial_dir / "spec.yaml")
     record = next(r for r in run_files.read_metrics(trial_dir) if r.get("checkpoint") == winner["checkpoint"])
+    tracked = tracking.read_links(trial_dir)
     adapter = run_files.export_adapter(ray.train.Checkpoint(winner["checkpoint"]), run_dir, trial,
-                                       modeling.resolve_model_path(trial), record, target=run_dir / "best" / "adapter")
+                                       modeling.resolve_model_path(trial), record, target=run_dir / "best" / "adapter",
+                                       tracking=tracked)
     best = {"trial_id": winner["trial_id"], "params": {k: winner[k] for k in spec.tune.search_space},
             "metric": spec.tune.metric, "value": winner[metric], "step": winner["best_step"],
-            "metrics": record, "checkpoint_path": winner["checkpoint"], "adapter": str(adapter)}
+            "metrics": record, "checkpoint_path": winner["checkpoint"], "adapter": str(adapter),
+            "tracking": {"search": links, "trial": tracked}}
     (run_dir / "best.json").write_text(json.dumps(best, indent=2, default=str))
     return best
