@@ -353,7 +353,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from ray_sft import cluster, serve
+    from ray_sft import cluster, serve, targets
 
     if (args.detach or args.stop) and not args.address:
         print("error: --detach and --stop need --address (an embedded cluster ends with this process)", file=sys.stderr)
@@ -363,9 +363,9 @@ def cmd_serve(args) -> int:
             with cluster.connect(args.address):
                 serve.stop()
             return 0
-        job, base, adapters = serve.targets(args.spec, args.overrides, args.adapter, args.base)
+        job, base, adapters = targets.load(args.spec, args.overrides, args.adapter, args.base)
         host, port = args.host or job.serve.host, args.port or job.serve.port
-        key = serve.api_key(job, host)
+        key = targets.api_key(job, host)
         with cluster.connect(args.address):
             url = serve.start(host, port)
             serve.deploy(job, base, adapters, key)
@@ -373,7 +373,7 @@ def cmd_serve(args) -> int:
                   flush=True)
             if not args.detach:
                 serve.run_until_interrupted()
-    except serve.ServeError as exc:
+    except targets.ServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0

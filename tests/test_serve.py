@@ -15,10 +15,10 @@ import pytest
 import ray
 from ray import serve
 
-from ray_sft import cli, generate, spec as rspec
+from ray_sft import cli, generate, spec as rspec, targets
 from ray_sft import serve as rs
 from tests.adapters import random_adapter
-from tests.conftest import QUICKSTART, REPO, quick_spec
+from tests.conftest import REPO, quick_spec
 
 PROMPT = "時間管理能力をあげるには?"
 KEY_ENV = "RAY_SFT_TEST_API_KEY"
@@ -74,7 +74,7 @@ def stream_events(client, path, body, headers=None) -> list:
 
 
 def test_models_and_health(client, setup):
-    names = ["trained", "other", rs.base_name(setup["base"])]
+    names = ["trained", "other", targets.base_name(setup["base"])]
     assert sorted(m["id"] for m in client.get("/v1/models").json()["data"]) == sorted(names)
     assert client.get("/healthz").json()["status"] == "ok"
 
@@ -109,11 +109,11 @@ def test_system_message_is_rendered_before_the_instruction(client):
 def test_adapters_differ_and_base_matches_plain_generate(client, setup):
     rendered = generate.prompt_for(PROMPT, setup["spec"])
     texts = {m: complete(client, model=m, prompt=rendered)["choices"][0]["text"]
-             for m in ("trained", "other", rs.base_name(setup["base"]))}
+             for m in ("trained", "other", targets.base_name(setup["base"]))}
     tokenizer, base = generate.load_base(setup["base"], setup["spec"])
     plain = generate.complete(base, tokenizer, [rendered], generate.with_overrides(setup["spec"].generation,
                                                                                    max_new_tokens=24))[0].text
-    assert texts[rs.base_name(setup["base"])] == plain
+    assert texts[targets.base_name(setup["base"])] == plain
     assert texts["other"] != texts["trained"] and texts["other"] != plain
 
 
@@ -237,27 +237,13 @@ def test_32_concurrent_requests_batch_and_match_one_by_one(client):
     assert [r["choices"][0]["text"] for r in results] == [alone[job] for job in jobs]
 
 
-def test_public_host_requires_an_api_key(setup, monkeypatch):
-    spec = setup["spec"]
-    monkeypatch.setattr(spec.serve, "api_key_env", None)
-    assert rs.api_key(spec, "127.0.0.1") is None and rs.api_key(spec, "::1") is None
-    with pytest.raises(rs.ServeError, match="API key is required"):
-        rs.api_key(spec, "0.0.0.0")
-    monkeypatch.setattr(spec.serve, "api_key_env", KEY_ENV)
-    monkeypatch.delenv(KEY_ENV, raising=False)
-    with pytest.raises(rs.ServeError, match=KEY_ENV):
-        rs.api_key(spec, "192.0.2.1")
-    monkeypatch.setenv(KEY_ENV, "s3cret")
-    assert rs.api_key(spec, "0.0.0.0") == "s3cret"
-
-
 def test_invalid_serving_setups_are_refused(setup):
-    with pytest.raises(rs.ServeError, match="invalid adapter name"):
+    with pytest.raises(targets.ServeError, match="invalid adapter name"):
         rs.deploy(setup["spec"], setup["base"], {"../x": str(setup["other"])}, name="bad")
-    with pytest.raises(rs.ServeError, match="not an adapter folder"):
+    with pytest.raises(targets.ServeError, match="not an adapter folder"):
         rs.deploy(setup["spec"], setup["base"], {"x": str(setup["other"].parent)}, name="bad")
     merged = rspec.with_overrides(setup["spec"], ["serve.merge=true"])
-    with pytest.raises(rs.ServeError, match="serve.merge: a merged model serves exactly one adapter"):
+    with pytest.raises(targets.ServeError, match="serve.merge: a merged model serves exactly one adapter"):
         rs.deploy(merged, setup["base"], {"a": str(setup["trained"]), "b": str(setup["other"])}, name="bad")
     assert "bad" not in serve.status().applications
 
@@ -267,7 +253,7 @@ def test_api_key_and_merged_model(client, setup, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "s3cret")
     spec = generate.run_spec(setup["trained"])
     spec.serve.cpus_per_replica, spec.serve.merge, spec.serve.api_key_env = 0.5, True, KEY_ENV
-    rs.deploy(spec, setup["base"], {"trained": str(setup["trained"])}, rs.api_key(spec, "127.0.0.1"),
+    rs.deploy(spec, setup["base"], {"trained": str(setup["trained"])}, targets.api_key(spec, "127.0.0.1"),
               name="secure", route_prefix="/secure")
     try:
         body = {"model": "trained", "prompt": PROMPT, "max_tokens": 24}
@@ -372,7 +358,7 @@ def test_autoscaling_goes_to_two_replicas_under_load_and_back(client, setup):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# serve's "auto" settings and `ray-sft serve` overrides (nothing deployed)
+# serve's "auto" settings (nothing deployed)
 
 GPU_SPECS = sorted(REPO.glob("jobs/llm-jp-3-1.8b-dolly-ja*.yaml"))
 
@@ -414,41 +400,3 @@ def test_defaults_resolve_for_the_real_cluster(ray_cluster, tmp_path):
     served = rs.replica_spec(quick_spec(tmp_path), {"one": "unused"}).serve
     assert (served.gpus_per_replica, served.merge, served.max_batch_size) == ((1, True, 32) if has_gpu else
                                                                               (0, False, 8))
-
-
-@pytest.fixture(scope="module")
-def run_adapter(tmp_path_factory, tiny_model_path):
-    """<run>/adapter with <run>/spec.yaml beside it, as train leaves them (made in seconds, without Ray)."""
-    out = tmp_path_factory.mktemp("run")
-    return random_adapter(quick_spec(out), tiny_model_path, out, seed=3)
-
-
-def _served(argv: list[str]):
-    """What `ray-sft serve ARGV` would deploy: (spec, base, adapters)."""
-    args = cli._parse(["serve", *argv])
-    return rs.targets(args.spec, args.overrides, args.adapter, args.base)
-
-
-def test_overrides_between_and_after_adapter_flags_reach_the_served_spec(run_adapter):
-    job, base, adapters = _served(["--adapter", f"a={run_adapter}", "serve.max_batch_size=3",
-                                   "--adapter", f"b={run_adapter}", "generation.max_new_tokens=7"])
-    assert (job.serve.max_batch_size, job.generation.max_new_tokens) == (3, 7)
-    assert job.quantization == generate.run_spec(run_adapter).quantization  # the rest: the adapter's run spec
-    assert adapters == {"a": str(run_adapter), "b": str(run_adapter)} and base == generate.base_of(run_adapter)
-
-
-def test_overrides_with_a_job_spec_reach_the_served_spec(run_adapter):
-    run = run_adapter.parent
-    job, _, adapters = _served([str(QUICKSTART), f"output.dir={run.parent}", f"output.name={run.name}",
-                                "--adapter", f"b={run_adapter}", "serve.max_batch_size=3"])
-    assert job.serve.max_batch_size == 3 and adapters == {run.name: str(run_adapter), "b": str(run_adapter)}
-
-
-@pytest.mark.parametrize("override,error", [
-    ("serve.max_batch_size=0", "serve.max_batch_size: must be > 0"),
-    ("serve.gpus_per_replica=many", "serve.gpus_per_replica: 'many' is not one of"),
-    ("serve.bogus=1", "serve.bogus: unknown field"),
-])
-def test_bad_serve_override_exits_2_naming_the_field(run_adapter, capsys, override, error):
-    assert cli.main(["serve", "--adapter", f"a={run_adapter}", override]) == 2
-    assert error in capsys.readouterr().err
