@@ -367,7 +367,7 @@ def cmd_serve(args) -> int:
         host, port = args.host or job.serve.host, args.port or job.serve.port
         key = targets.api_key(job, host)
         with cluster.connect(args.address):
-            url = serve.start(host, port)
+            url = serve.start(host, port, job.serve.request_timeout_s)
             serve.deploy(job, base, adapters, key)
             print(f"serving {', '.join(adapters)} on {url}/v1" + ("" if args.detach else " (Ctrl-C stops)"),
                   flush=True)

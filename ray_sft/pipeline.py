@@ -97,7 +97,7 @@ def serve_winner(job: JobSpec, adapter: Path, embedded: bool, keep: bool,
     host, port = job.serve.host, job.serve.port
     key = targets.api_key(job, host)
     app, prefix = app_route(job, embedded)
-    url = serve.start(host, port) + prefix.rstrip("/") + "/v1"
+    url = serve.start(host, port, job.serve.request_timeout_s) + prefix.rstrip("/") + "/v1"
     serve.deploy(job, generate.base_of(adapter), {job.output.name: str(adapter)}, key, name=app,
                  route_prefix=prefix)
     say(f"serving {job.output.name} on {url}" + (" (Ctrl-C stops)" if keep else ""))

@@ -7,11 +7,13 @@ change in place, between two engine steps.
 
 import asyncio
 import concurrent.futures
+import contextvars
 import copy
 import functools
 import hashlib
 import hmac
 import logging
+import math
 import threading
 import time
 import uuid
@@ -20,9 +22,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 import ray
 from ray import serve
+from ray.serve._private import constants as serve_constants
 from starlette.exceptions import HTTPException
 
-from ray_sft import engine, generate, modeling, multi_lora, openai_api, registry
+from ray_sft import couplings, engine, generate, modeling, multi_lora, openai_api, registry
 from ray_sft.generate import Completion
 from ray_sft.openai_api import ApiError
 from ray_sft.spec import from_dict
@@ -32,6 +35,10 @@ from ray_sft.targets import base_name
 log = logging.getLogger("ray.serve")
 
 WATCH_INTERVAL_S = 0.5
+# Headers Serve's proxy obeys from any client, meant for a load balancer in front of it: the client's own timeout
+# (0: none) and "?1" to keep a request decoding after its client has gone.
+TIMEOUT_HEADER = couplings.require("ray", serve_constants, "SERVE_HTTP_REQUEST_TIMEOUT_S_HEADER")
+KEEP_RUNNING_HEADER = couplings.require("ray", serve_constants, "SERVE_HTTP_REQUEST_DISCONNECT_DISABLED_HEADER")
 
 
 # No interactive docs or schema: they would describe the API to anyone who can reach it, key or not.
@@ -54,6 +61,24 @@ async def _unexpected_error(request: Request, exc: Exception):
     # Even a bug answers in OpenAI's error shape (clients parse it); the traceback stays in the replica log.
     return JSONResponse(openai_api.error_body("internal server error", "server_error", "internal_error"),
                         status_code=500)
+
+
+# @serve.ingress pickles the app, this module's class with it, when the class is decorated: a module-level name the
+# class uses must exist by then, so its helpers come first.
+
+
+def _seconds(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return math.nan
+
+
+def _log(kind: str, request: engine.Request, completion: Completion, started: float) -> None:
+    # Never the prompt or the completion text: only sizes and timing.
+    log.info("%s model=%s prompt_tokens=%d completion_tokens=%d finish=%s stream=%s %.0fms", kind, request.adapter,
+             completion.prompt_tokens, completion.completion_tokens, completion.finish_reason,
+             request.on_delta is not None, 1000 * (time.monotonic() - started))
 
 
 @serve.deployment
@@ -188,8 +213,20 @@ class ModelServer:
         return scheme.lower() == "bearer" and hmac.compare_digest(presented, self.key_hash)
 
     async def _parse(self, request: Request, schema):
+        self._check_headers(request)
         raw = await openai_api.read_body(request, self.spec.serve.max_request_bytes)
         return openai_api.parse(raw, schema, self.spec.serve)
+
+    def _check_headers(self, request: Request) -> None:
+        """The server's bounds are not a client's to lift, though Serve's proxy obeys these headers from anyone."""
+        limit = self.spec.serve.request_timeout_s
+        timeout = request.headers.get(TIMEOUT_HEADER)
+        if timeout is not None and not 0 < _seconds(timeout) <= limit:
+            raise ApiError(400, f"{TIMEOUT_HEADER}: a request may shorten its timeout, not lift it "
+                                f"(serve.request_timeout_s: {limit:g} s)", "header_not_allowed", param=TIMEOUT_HEADER)
+        if KEEP_RUNNING_HEADER in request.headers:
+            raise ApiError(400, f"{KEEP_RUNNING_HEADER}: a request ends when its client goes away",
+                           "header_not_allowed", param=KEEP_RUNNING_HEADER)
 
     async def _accept(self, body, prompt: str) -> engine.Request:
         """The request as the engine takes it, once its model, decoding fields and measured prompt are within
@@ -212,18 +249,17 @@ class ModelServer:
         request, rid, started = await self._accept(body, prompt), openai_api.new_id(kind), time.monotonic()
         if body.stream:
             return StreamingResponse(self._stream(kind, rid, request, started), media_type="text/event-stream")
-        done = self._submit(request)
+        done = self._submit(kind, request, started)
         try:
             completion = await done
         finally:  # a client that went away frees its slot
             request.cancel()
-        self._log(kind, request, completion, started)
         return openai_api.response_body(kind, rid, request.adapter, completion)
 
     async def _stream(self, kind: str, rid: str, request: engine.Request, started: float):
         loop, deltas = asyncio.get_running_loop(), asyncio.Queue()
         request.on_delta = lambda delta: loop.call_soon_threadsafe(deltas.put_nowait, delta)
-        done = self._submit(request)
+        done = self._submit(kind, request, started)
         # The engine queues every delta before it settles `done`, so None comes last.
         done.add_done_callback(lambda _: deltas.put_nowait(None))
         try:
@@ -240,21 +276,27 @@ class ModelServer:
                 completion = done.result()
                 rest = completion.text[len(sent):]
                 yield openai_api.chunk_event(kind, rid, request.adapter, rest, completion.finish_reason, completion)
-                self._log(kind, request, completion, started)
             yield openai_api.DONE_EVENT
         finally:
             request.cancel()
 
-    def _submit(self, request: engine.Request) -> asyncio.Future:
+    def _submit(self, kind: str, request: engine.Request, started: float) -> asyncio.Future:
         """Hand the request to the engine; the future settles on this event loop with its Completion."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        request.on_done = lambda result: loop.call_soon_threadsafe(self._settle, done, result)
+        # Serve's request context (the request id its log lines carry) is a context variable of this handler's
+        # task; the request settles in it even after the handler is gone.
+        context = contextvars.copy_context()
+        request.on_done = lambda result: loop.call_soon_threadsafe(self._settle, kind, request, started, done, result,
+                                                                   context=context)
         self.engine.submit(request)
         return done
 
     @staticmethod
-    def _settle(done: asyncio.Future, result: Completion | BaseException) -> None:
+    def _settle(kind: str, request: engine.Request, started: float, done: asyncio.Future,
+                result: Completion | BaseException) -> None:
+        if isinstance(result, Completion):  # every end is logged: one cancelled by its client says what it cost
+            _log(kind, request, result, started)
         if done.done():  # the handler was cancelled
             return
         if isinstance(result, engine.UnknownAdapter):  # removed by a redeploy after the request was accepted
@@ -264,9 +306,3 @@ class ModelServer:
         else:
             done.set_result(result)
 
-    @staticmethod
-    def _log(kind: str, request: engine.Request, completion: Completion, started: float) -> None:
-        # Never the prompt or the completion text: only sizes and timing.
-        log.info("%s model=%s prompt_tokens=%d completion_tokens=%d finish=%s stream=%s %.0fms", kind,
-                 request.adapter, completion.prompt_tokens, completion.completion_tokens, completion.finish_reason,
-                 request.on_delta is not None, 1000 * (time.monotonic() - started))

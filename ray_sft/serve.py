@@ -11,6 +11,7 @@ import time
 
 import ray
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
 from ray_sft import registry, targets
 from ray_sft.replica import ModelServer
@@ -46,7 +47,11 @@ def build_app(spec: JobSpec, base: str, registry_name: str, api_key: str | None 
     s = spec.serve
     deployment = ModelServer.options(
         ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+        # A second batch waits in the engine, so a slot that frees is refilled at the next step, not a round trip
+        # through the proxy later; the rest wait at the proxy, where Serve sheds what exceeds its queue (503).
         max_ongoing_requests=2 * s.max_batch_size,
+        max_queued_requests=s.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s),
         autoscaling_config={
             "min_replicas": s.autoscaling.min_replicas, "max_replicas": s.autoscaling.max_replicas,
             "target_ongoing_requests": s.autoscaling.target_ongoing_requests,
@@ -61,9 +66,10 @@ def _digest(api_key: str | None) -> str | None:
     return hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
 
 
-def start(host: str, port: int) -> str:
-    """Start Serve's HTTP proxy on host:port (Ray must be connected); returns the base URL."""
-    serve.start(http_options={"host": host, "port": port})
+def start(host: str, port: int, request_timeout_s: float) -> str:
+    """Start Serve's HTTP proxy on host:port, ending every request after request_timeout_s (Ray must be connected);
+    returns the base URL. A Serve instance already running keeps its proxy's settings (Serve warns)."""
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
     return f"http://{host}:{port}"
 
 

@@ -103,11 +103,12 @@ def test_rayservice_builder_serves_a_run_over_http(trained_run):
     from ray import serve
 
     from ray_sft import serve as ray_sft_serve
+    from ray_sft.spec import ServeSpec
     from tests.conftest import QUICKSTART, free_port
 
     args = {"spec": str(QUICKSTART), "overrides": [f"output.dir={trained_run.run_dir.parent}", "output.name=shared",
                                                    "serve.max_prompt_tokens=64", "serve.max_tokens_limit=64"]}
-    url = ray_sft_serve.start("127.0.0.1", free_port())
+    url = ray_sft_serve.start("127.0.0.1", free_port(), ServeSpec().request_timeout_s)
     try:
         serve.run(ray_sft_serve.app_builder(args), name=ray_sft_serve.APP_NAME, route_prefix="/")
         assert "shared" in [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=60).json()["data"]]

@@ -9,6 +9,7 @@ import json
 import socket
 import threading
 import time
+import uuid
 
 import httpx
 import pytest
@@ -35,10 +36,12 @@ def setup(ray_cluster, trained_run, tmp_path_factory):
     adapter = trained_run.adapter_dir
     spec = generate.run_spec(adapter)
     spec.serve.cpus_per_replica = 0.5  # leaves room for the autoscaling app's second replica on 2 CPUs
-    spec.serve.max_prompt_tokens, spec.serve.max_tokens_limit = 64, 64
+    # Short prompts, but the default max_tokens_limit: a long answer takes long enough to be cut short.
+    spec.serve.max_prompt_tokens = 64
+    spec.serve.request_timeout_s = 60  # more than any request here needs; the overload test checks none outlives it
     other_dir = tmp_path_factory.mktemp("other")
     other = random_adapter(quick_spec(other_dir), generate.base_of(adapter), other_dir, seed=7)
-    url = rs.start("127.0.0.1", _free_port())
+    url = rs.start("127.0.0.1", _free_port(), spec.serve.request_timeout_s)
     rs.deploy(spec, generate.base_of(adapter), {"trained": str(adapter), "other": str(other)})
     yield {"url": url, "spec": spec, "trained": adapter, "other": other, "base": generate.base_of(adapter)}
     for app in list(serve.status().applications):
@@ -163,7 +166,7 @@ BAD = [
     ("path as model", "/v1/completions", {"model": "/etc", "prompt": "x"}, 404, "model_not_found"),
     ("prompt too long", "/v1/completions", {"model": "trained", "prompt": "時間" * 200}, 400,
      "context_length_exceeded"),
-    ("max_tokens over cap", "/v1/completions", {"model": "trained", "prompt": "x", "max_tokens": 65}, 400,
+    ("max_tokens over cap", "/v1/completions", {"model": "trained", "prompt": "x", "max_tokens": 513}, 400,
      "max_tokens_exceeded"),
     ("n > 1", "/v1/completions", {"model": "trained", "prompt": "x", "n": 2}, 400, "invalid_request"),
     ("too many stops", "/v1/completions", {"model": "trained", "prompt": "x", "stop": ["a"] * 5}, 400,
@@ -235,6 +238,90 @@ def test_32_concurrent_requests_batch_and_match_one_by_one(client):
         results = list(pool.map(lambda job: complete(client, model=job[0], prompt=job[1]), jobs))
     assert len(results) == 32
     assert [r["choices"][0]["text"] for r in results] == [alone[job] for job in jobs]
+
+
+def test_overload_is_shed_with_503_and_every_request_ends_within_the_timeout(setup):
+    """More concurrent requests than a replica (2 x its slots) and Serve's queue hold, on an app of 2 slots and a
+    queue of 2 (the main app's must hold the 32 concurrent requests above): each ends before the proxy's timeout,
+    200 or a 503 with Retry-After; each 200 stopped at its own max_tokens, beside a row with another limit."""
+    spec = rspec.with_overrides(setup["spec"], ["serve.max_batch_size=2", "serve.max_queued_requests=2"])
+    rs.deploy(spec, setup["base"], {"trained": str(setup["trained"])}, name="tight", route_prefix="/tight")
+    s = spec.serve
+    count = 4 * (2 * s.max_batch_size + s.max_queued_requests)
+    ready = threading.Barrier(count)
+
+    def post(index: int):
+        max_tokens = 64 - index % 4
+        with httpx.Client(base_url=setup["url"], timeout=2 * s.request_timeout_s) as c:
+            ready.wait()
+            started = time.monotonic()
+            r = c.post("/tight/v1/completions", json={"model": "trained", "prompt": PROMPT, "max_tokens": max_tokens})
+            return max_tokens, r, time.monotonic() - started
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:
+            results = list(pool.map(post, range(count)))
+    finally:
+        rs.stop("tight")
+    assert {r.status_code for _, r, _ in results} == {200, 503}
+    assert max(elapsed for *_, elapsed in results) < s.request_timeout_s
+    for max_tokens, r, _ in results:
+        if r.status_code == 503:  # Serve's own answer: its Retry-After, and a plain-text body (README, "Serving")
+            assert r.headers["retry-after"] == str(s.retry_after_s) and "backpressure" in r.text
+        else:
+            completion = r.json()
+            assert (completion["usage"]["completion_tokens"] == max_tokens
+                    or completion["choices"][0]["finish_reason"] == "stop")
+
+
+def _replica_log(app: str = rs.APP_NAME) -> str:
+    """What the app's replicas wrote to stderr, where Serve logs too, read through Ray's state API."""
+    from ray.util import state
+
+    cluster = ray.get_runtime_context().gcs_address
+    replicas = state.list_actors(address=cluster, filters=[("class_name", "=", f"ServeReplica:{app}:ModelServer"),
+                                                           ("state", "=", "ALIVE")])
+    return "".join(line for replica in replicas
+                   for line in state.get_log(address=cluster, actor_id=replica.actor_id, suffix="err"))
+
+
+def _ended(request_id: str, timeout_s: float = 30) -> dict:
+    """The fields of the replica's log line for the request with this id, once the engine has ended it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in _replica_log().splitlines():
+            if request_id in line and "completion_tokens=" in line:
+                return dict(part.split("=", 1) for part in line.split() if "=" in part)
+        time.sleep(0.5)
+    raise AssertionError(f"the replica logged no end of {request_id}: {_replica_log()[-4000:]}")
+
+
+def test_a_request_whose_client_is_gone_stops_decoding(setup, client):
+    """A stream closed after its first chunk, a request its client gave up on and one past its timeout: the engine
+    ends each well before max_tokens (the replica's log line for the request id says how many tokens it decoded)."""
+    limit = setup["spec"].serve.max_tokens_limit
+    body = {"model": "trained", "prompt": PROMPT, "max_tokens": limit}
+    ids = {how: f"{how}-{uuid.uuid4().hex}" for how in ("stream", "gave-up", "timeout")}
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True},
+                       headers={"x-request-id": ids["stream"]}) as r:
+        next(r.iter_lines())
+    with pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/completions", json=body, headers={"x-request-id": ids["gave-up"]}, timeout=0.5)
+    r = client.post("/v1/completions", json=body,
+                    headers={"x-request-id": ids["timeout"], "x-request-timeout-seconds": "0.5"})
+    assert r.status_code == 408
+    ended = {how: _ended(request_id) for how, request_id in ids.items()}
+    assert all(e["finish"] == "cancelled" and int(e["completion_tokens"]) < limit / 2 for e in ended.values()), ended
+
+
+@pytest.mark.parametrize("header,value", [("x-request-timeout-seconds", "0"), ("x-request-timeout-seconds", "3600"),
+                                          ("x-request-disconnect-disabled", "?1")])
+def test_a_client_cannot_lift_the_servers_bounds(client, header, value):
+    """Serve's proxy obeys these headers from anyone (no timeout; decoding on after the client is gone)."""
+    r = client.post("/v1/completions", json={"model": "trained", "prompt": "x", "max_tokens": 1},
+                    headers={header: value})
+    assert r.status_code == 400 and (r.json()["error"]["code"], r.json()["error"]["param"]) == ("header_not_allowed",
+                                                                                                header)
 
 
 def test_invalid_serving_setups_are_refused(setup):
