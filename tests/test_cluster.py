@@ -87,12 +87,14 @@ def test_rayjob_entrypoint_parses_and_its_spec_validates():
 
 
 def test_rayservice_serves_the_rayjobs_spec_and_its_builder_exists():
-    (app,) = yaml.safe_load(_by_kind("RayService")["spec"]["serveConfigV2"])["applications"]
+    config = yaml.safe_load(_by_kind("RayService")["spec"]["serveConfigV2"])
+    (app,) = config["applications"]
     job_argv = shlex.split(_by_kind("RayJob")["spec"]["entrypoint"])
     assert app["args"]["spec"] == job_argv[2]
     assert "output.dir=/mnt/runs" in app["args"]["overrides"] and "output.dir=/mnt/runs" in job_argv
     job = spec.load(REPO / app["args"]["spec"], app["args"]["overrides"])
     assert job.serve.host == "0.0.0.0" and job.serve.api_key_env  # public bind only with an API key
+    assert config["http_options"]["request_timeout_s"] == job.serve.request_timeout_s  # the proxy's, not the app's
     module, attr = app["import_path"].split(":")
     assert callable(getattr(importlib.import_module(module), attr))
 
