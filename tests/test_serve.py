@@ -1,6 +1,7 @@
-"""`ray_sft.serve` over real HTTP: Serve on 127.0.0.1 in the session's private Ray cluster, the tiny model, a
-trained adapter and a second (random) one. One main app is shared by most tests; auth+merge and autoscaling get
-their own apps on other route prefixes of the same Serve instance."""
+"""`ray_sft.serve` and the replica (`ray_sft.replica`) over real HTTP: Serve on 127.0.0.1 in the session's private
+Ray cluster, the tiny model, a trained adapter and a second (random) one. One main app is shared by most tests;
+auth+merge, overload (a small queue) and autoscaling get their own apps on other route prefixes of the same Serve
+instance."""
 
 from __future__ import annotations
 
