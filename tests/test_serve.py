@@ -275,29 +275,20 @@ def test_overload_is_shed_with_503_and_every_request_ends_within_the_timeout(set
                     or completion["choices"][0]["finish_reason"] == "stop")
 
 
-def _replica_log(app: str = rs.APP_NAME) -> str:
-    """What the app's replicas wrote to stderr, where Serve logs too, read through Ray's state API."""
-    from ray.util import state
-
-    cluster = ray.get_runtime_context().gcs_address
-    replicas = state.list_actors(address=cluster, filters=[("class_name", "=", f"ServeReplica:{app}:ModelServer"),
-                                                           ("state", "=", "ALIVE")])
-    return "".join(line for replica in replicas
-                   for line in state.get_log(address=cluster, actor_id=replica.actor_id, suffix="err"))
-
-
-def _ended(request_id: str, timeout_s: float = 30) -> dict:
-    """The fields of the replica's log line for the request with this id, once the engine has ended it."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for line in _replica_log().splitlines():
-            if request_id in line and "completion_tokens=" in line:
-                return dict(part.split("=", 1) for part in line.split() if "=" in part)
+def _logged_ends(capfd, request_ids: list[str], timeout_s: float = 30) -> dict[str, dict]:
+    """request id -> the fields of the replica's log line for that request's end. A replica logs to stderr too, and
+    Ray prints its workers' output on the driver's (this process's) stderr."""
+    ends, deadline = {}, time.monotonic() + timeout_s
+    while len(ends) < len(request_ids) and time.monotonic() < deadline:
         time.sleep(0.5)
-    raise AssertionError(f"the replica logged no end of {request_id}: {_replica_log()[-4000:]}")
+        for line in capfd.readouterr().err.splitlines():
+            ends.update({request_id: dict(part.split("=", 1) for part in line.split() if "=" in part)
+                         for request_id in request_ids if request_id in line and "completion_tokens=" in line})
+    assert len(ends) == len(request_ids), f"the replica logged no end of {set(request_ids) - set(ends)}"
+    return ends
 
 
-def test_a_request_whose_client_is_gone_stops_decoding(setup, client):
+def test_a_request_whose_client_is_gone_stops_decoding(setup, client, capfd):
     """A stream closed after its first chunk, a request its client gave up on and one past its timeout: the engine
     ends each well before max_tokens (the replica's log line for the request id says how many tokens it decoded)."""
     limit = setup["spec"].serve.max_tokens_limit
@@ -311,8 +302,8 @@ def test_a_request_whose_client_is_gone_stops_decoding(setup, client):
     r = client.post("/v1/completions", json=body,
                     headers={"x-request-id": ids["timeout"], "x-request-timeout-seconds": "0.5"})
     assert r.status_code == 408
-    ended = {how: _ended(request_id) for how, request_id in ids.items()}
-    assert all(e["finish"] == "cancelled" and int(e["completion_tokens"]) < limit / 2 for e in ended.values()), ended
+    ends = _logged_ends(capfd, list(ids.values()))
+    assert all(e["finish"] == "cancelled" and int(e["completion_tokens"]) < limit / 2 for e in ends.values()), ends
 
 
 @pytest.mark.parametrize("header,value", [("x-request-timeout-seconds", "0"), ("x-request-timeout-seconds", "3600"),
