@@ -81,7 +81,7 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        url = serve.start("127.0.0.1", port)
+        url = serve.start("127.0.0.1", port, spec.serve.request_timeout_s)
         serve.deploy(spec, generate.base_of(args.adapter), {"bench": args.adapter})
         rows += [bench_server(url, c, args.requests, args.max_tokens) for c in args.concurrency]
         serve.stop()

@@ -348,7 +348,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from ray_sft import cluster, serve
+    from ray_sft import cluster, serve, targets
 
     if (args.detach or args.stop) and not args.address:
         print("error: --detach and --stop need --address (an embedded cluster ends with this process)", file=sys.stderr)
@@ -358,17 +358,17 @@ def cmd_serve(args) -> int:
             with cluster.connect(args.address):
                 serve.stop()
             return 0
-        job, base, adapters = serve.targets(args.spec, args.overrides, args.adapter, args.base)
+        job, base, adapters = targets.load(args.spec, args.overrides, args.adapter, args.base)
         host, port = args.host or job.serve.host, args.port or job.serve.port
-        key = serve.api_key(job, host)
+        key = targets.api_key(job, host)
         with cluster.connect(args.address):
-            url = serve.start(host, port)
+            url = serve.start(host, port, job.serve.request_timeout_s)
             serve.deploy(job, base, adapters, key)
             print(f"serving {', '.join(adapters)} on {url}/v1" + ("" if args.detach else " (Ctrl-C stops)"),
                   flush=True)
             if not args.detach:
                 serve.run_until_interrupted()
-    except serve.ServeError as exc:
+    except targets.ServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0

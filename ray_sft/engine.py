@@ -37,6 +37,9 @@ from ray_sft.spec import GenerationSpec
 log = logging.getLogger("ray.serve")
 
 
+CANCELLED = "cancelled"  # the finish reason of a request cancelled before its end
+
+
 class UnknownAdapter(LookupError):
     """The request's adapter is not (or no longer) served."""
 
@@ -48,7 +51,7 @@ class Request:
     stops: list[str] = field(default_factory=list)
     adapter: str | None = None  # a served name (see Engine.load); None: the model as loaded
     on_delta: Callable[[str], None] | None = None  # streamed text, called from the engine's thread
-    on_done: Callable[[Completion | BaseException], None] | None = None
+    on_done: Callable[[Completion | BaseException], None] | None = None  # once, whatever ends the request
     cancelled: bool = False  # set from any thread: the slot is freed at the next step
 
     def cancel(self) -> None:
@@ -233,7 +236,10 @@ class Engine:
         for slot, row in enumerate(self.rows):
             if row is not None and row.request.cancelled:
                 self.rows[slot] = None
-        self.waiting = deque(r for r in self.waiting if not r.cancelled)
+                self._finish(row.request, _cancelled(row.request, row.ids))
+        for request in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(request)
+            self._finish(request, _cancelled(request, []))
         try:
             with torch.inference_mode():
                 self._admit()
@@ -384,6 +390,11 @@ class Engine:
     def _finish(request: Request, result: Completion | BaseException) -> None:
         if request.on_done is not None:
             request.on_done(result)
+
+
+def _cancelled(request: Request, ids: list[int]) -> Completion:
+    # Nobody reads the text of a request whose client went away; what it cost (tokens decoded) is still reported.
+    return Completion("", len(request.ids), len(ids), CANCELLED)
 
 
 def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

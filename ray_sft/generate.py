@@ -30,7 +30,7 @@ class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop": EOS or a stop string; "length": max_new_tokens reached
+    finish_reason: str  # "stop": EOS or a stop string; "length": max_new_tokens reached; "cancelled" (engine)
 
 
 @dataclass

@@ -92,12 +92,12 @@ def app_route(job: JobSpec, embedded: bool) -> tuple[str, str]:
 
 def serve_winner(job: JobSpec, adapter: Path, embedded: bool, keep: bool,
                  say: Callable[[str], None]) -> RunOutcome:
-    from ray_sft import generate, serve
+    from ray_sft import generate, serve, targets
 
     host, port = job.serve.host, job.serve.port
-    key = serve.api_key(job, host)
+    key = targets.api_key(job, host)
     app, prefix = app_route(job, embedded)
-    url = serve.start(host, port) + prefix.rstrip("/") + "/v1"
+    url = serve.start(host, port, job.serve.request_timeout_s) + prefix.rstrip("/") + "/v1"
     serve.deploy(job, generate.base_of(adapter), {job.output.name: str(adapter)}, key, name=app,
                  route_prefix=prefix)
     say(f"serving {job.output.name} on {url}" + (" (Ctrl-C stops)" if keep else ""))

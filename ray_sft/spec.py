@@ -229,6 +229,15 @@ class ServeSpec:
     max_prompt_tokens: int = field(default=1024, metadata=POSITIVE)
     max_tokens_limit: int = field(default=512, metadata=POSITIVE)
     max_adapters_per_replica: int = field(default=4, metadata=POSITIVE)
+    # Load shedding, by Ray Serve itself: a replica takes 2 x max_batch_size requests (max_batch_size decoding, the
+    # rest waiting in its engine for a slot); more wait at Serve's proxy, at most max_queued_requests there (per
+    # proxy), and past that the proxy answers 503 with Retry-After: retry_after_s (whole seconds).
+    max_queued_requests: int = field(default=64, metadata=POSITIVE)
+    retry_after_s: int = field(default=1, metadata=NON_NEGATIVE)
+    # A request's whole life, queueing and streaming included: past it Serve's proxy answers 408 (or ends the
+    # stream) and cancels the request, freeing its slot. Serve takes it when its proxy starts (one value for every
+    # app of that Serve instance). The default lets a CPU replica write max_tokens_limit tokens behind a queue.
+    request_timeout_s: float = field(default=300, metadata=POSITIVE)
     # Request bounds, checked before any work on a request (a breach is a 413/400 naming the field). The body is
     # measured raw, before JSON parsing; 1 MiB holds any prompt max_prompt_tokens allows, with room to spare.
     max_request_bytes: int = field(default=1_048_576, metadata=POSITIVE)

@@ -87,12 +87,14 @@ def test_rayjob_entrypoint_parses_and_its_spec_validates():
 
 
 def test_rayservice_serves_the_rayjobs_spec_and_its_builder_exists():
-    (app,) = yaml.safe_load(_by_kind("RayService")["spec"]["serveConfigV2"])["applications"]
+    config = yaml.safe_load(_by_kind("RayService")["spec"]["serveConfigV2"])
+    (app,) = config["applications"]
     job_argv = shlex.split(_by_kind("RayJob")["spec"]["entrypoint"])
     assert app["args"]["spec"] == job_argv[2]
     assert "output.dir=/mnt/runs" in app["args"]["overrides"] and "output.dir=/mnt/runs" in job_argv
     job = spec.load(REPO / app["args"]["spec"], app["args"]["overrides"])
     assert job.serve.host == "0.0.0.0" and job.serve.api_key_env  # public bind only with an API key
+    assert config["http_options"]["request_timeout_s"] == job.serve.request_timeout_s  # the proxy's, not the app's
     module, attr = app["import_path"].split(":")
     assert callable(getattr(importlib.import_module(module), attr))
 
@@ -103,11 +105,12 @@ def test_rayservice_builder_serves_a_run_over_http(trained_run):
     from ray import serve
 
     from ray_sft import serve as ray_sft_serve
+    from ray_sft.spec import ServeSpec
     from tests.conftest import QUICKSTART, free_port
 
     args = {"spec": str(QUICKSTART), "overrides": [f"output.dir={trained_run.run_dir.parent}", "output.name=shared",
                                                    "serve.max_prompt_tokens=64", "serve.max_tokens_limit=64"]}
-    url = ray_sft_serve.start("127.0.0.1", free_port())
+    url = ray_sft_serve.start("127.0.0.1", free_port(), ServeSpec().request_timeout_s)
     try:
         serve.run(ray_sft_serve.app_builder(args), name=ray_sft_serve.APP_NAME, route_prefix="/")
         assert "shared" in [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=60).json()["data"]]

@@ -17,6 +17,8 @@ PRIVATE_NAMES = [
     ("transformers", "transformers.masking_utils", "flash_attention_mask", ()),  # modeling: varlen attention
     ("torch", "torch.nn.attention.varlen", "varlen_attn", ()),  # modeling: varlen attention
     ("ray", "ray._raylet", "AuthenticationTokenLoader.instance", ()),  # jobs: re-read the token
+    ("ray", "ray.serve._private.constants", "SERVE_HTTP_REQUEST_TIMEOUT_S_HEADER", ()),  # replica: refused
+    ("ray", "ray.serve._private.constants", "SERVE_HTTP_REQUEST_DISCONNECT_DISABLED_HEADER", ()),  # replica: refused
     ("peft", "peft.tuners.lora", "LoraLayer.get_base_layer", ()),  # multi_lora: per-row LoRA from PEFT's layers
     ("peft", "peft.utils.other", "ModulesToSaveWrapper", ()),  # multi_lora: stacked embedding tables
 ]

@@ -125,21 +125,24 @@ def test_streamed_deltas_join_to_the_final_text(static, base, tokenizer, spec, s
         assert (final.text, final.finish_reason) == (expected.text, expected.finish_reason)
 
 
-def test_cancelled_request_frees_its_slot(static, base, tokenizer, spec, settings):
+def test_cancelled_requests_free_their_slot_and_report_what_they_decoded(static, base, tokenizer, spec, settings):
     e, done = new_engine(base, tokenizer, static, slots=1), []
-    first = engine.Request(ids(tokenizer, PROMPTS[0], spec), settings, on_done=done.append)
-    second = engine.Request(ids(tokenizer, PROMPTS[1], spec), settings, on_done=done.append)
-    e.submit(first)
-    e.submit(second)
+    first, second, third = (engine.Request(ids(tokenizer, p, spec), settings, on_done=done.append)
+                            for p in PROMPTS[:3])
+    for request in (first, second, third):
+        e.submit(request)
     e.step()
     e.step()
-    assert e.rows[0].request is first and list(e.waiting) == [second]
+    assert e.rows[0].request is first and list(e.waiting) == [second, third]
     first.cancel()
+    third.cancel()  # still waiting: it never takes a slot
     e.step()
-    assert e.rows[0].request is second
+    assert e.rows[0].request is second and not e.waiting
     while e.busy():
         e.step()
-    assert done == [alone(base, tokenizer, spec, PROMPTS[1], settings)]
+    # first decoded 3 tokens in two steps (the first step prefills and decodes); third none
+    cancelled = [generate.Completion("", len(r.ids), n, engine.CANCELLED) for r, n in ((first, 3), (third, 0))]
+    assert done == cancelled + [alone(base, tokenizer, spec, PROMPTS[1], settings)]
 
 
 def test_mixed_adapters_in_one_batch_give_each_row_its_own_text(static, tiny_model_path, tokenizer, spec, settings,

@@ -166,15 +166,15 @@ def _hostile_adapter(adapter, tiny_model_path, root, base: str | None = None):
 
 
 def test_an_adapter_folder_cannot_turn_on_remote_code(adapter, tiny_model_path, tmp_path):
-    from ray_sft import serve
+    from ray_sft import targets
 
     hostile = _hostile_adapter(adapter, tiny_model_path, tmp_path)
     loaded = generate.load(hostile)
     assert not loaded.spec.model.trust_remote_code and not (tmp_path / "RAN").exists()
-    assert not serve.targets(None, [], [f"a={hostile}"], None)[0].model.trust_remote_code
+    assert not targets.load(None, [], [f"a={hostile}"], None)[0].model.trust_remote_code
     # Only the user turns it on (a serve override, generate's flag), and then the base's code does run: the
     # check above could have failed.
-    assert serve.targets(None, ["model.trust_remote_code=true"], [f"a={hostile}"], None)[0].model.trust_remote_code
+    assert targets.load(None, ["model.trust_remote_code=true"], [f"a={hostile}"], None)[0].model.trust_remote_code
     generate.load(hostile, trust_remote_code=True)
     assert (tmp_path / "RAN").exists()
 

@@ -1,6 +1,7 @@
-"""`ray_sft.serve` over real HTTP: Serve on 127.0.0.1 in the session's private Ray cluster, the tiny model, a
-trained adapter and a second (random) one. One main app is shared by most tests; auth+merge and autoscaling get
-their own apps on other route prefixes of the same Serve instance."""
+"""`ray_sft.serve` and the replica (`ray_sft.replica`) over real HTTP: Serve on 127.0.0.1 in the session's private
+Ray cluster, the tiny model, a trained adapter and a second (random) one. One main app is shared by most tests;
+auth+merge, overload (a small queue) and autoscaling get their own apps on other route prefixes of the same Serve
+instance."""
 
 from __future__ import annotations
 
@@ -9,16 +10,17 @@ import json
 import socket
 import threading
 import time
+import uuid
 
 import httpx
 import pytest
 import ray
 from ray import serve
 
-from ray_sft import cli, generate, spec as rspec
+from ray_sft import cli, generate, spec as rspec, targets
 from ray_sft import serve as rs
 from tests.adapters import random_adapter
-from tests.conftest import QUICKSTART, REPO, quick_spec
+from tests.conftest import REPO, quick_spec
 
 PROMPT = "時間管理能力をあげるには?"
 KEY_ENV = "RAY_SFT_TEST_API_KEY"
@@ -35,10 +37,12 @@ def setup(ray_cluster, trained_run, tmp_path_factory):
     adapter = trained_run.adapter_dir
     spec = generate.run_spec(adapter)
     spec.serve.cpus_per_replica = 0.5  # leaves room for the autoscaling app's second replica on 2 CPUs
-    spec.serve.max_prompt_tokens, spec.serve.max_tokens_limit = 64, 64
+    # Short prompts, but the default max_tokens_limit: a long answer takes long enough to be cut short.
+    spec.serve.max_prompt_tokens = 64
+    spec.serve.request_timeout_s = 60  # more than any request here needs; the overload test checks none outlives it
     other_dir = tmp_path_factory.mktemp("other")
     other = random_adapter(quick_spec(other_dir), generate.base_of(adapter), other_dir, seed=7)
-    url = rs.start("127.0.0.1", _free_port())
+    url = rs.start("127.0.0.1", _free_port(), spec.serve.request_timeout_s)
     rs.deploy(spec, generate.base_of(adapter), {"trained": str(adapter), "other": str(other)})
     yield {"url": url, "spec": spec, "trained": adapter, "other": other, "base": generate.base_of(adapter)}
     for app in list(serve.status().applications):
@@ -74,7 +78,7 @@ def stream_events(client, path, body, headers=None) -> list:
 
 
 def test_models_and_health(client, setup):
-    names = ["trained", "other", rs.base_name(setup["base"])]
+    names = ["trained", "other", targets.base_name(setup["base"])]
     assert sorted(m["id"] for m in client.get("/v1/models").json()["data"]) == sorted(names)
     assert client.get("/healthz").json()["status"] == "ok"
 
@@ -109,11 +113,11 @@ def test_system_message_is_rendered_before_the_instruction(client):
 def test_adapters_differ_and_base_matches_plain_generate(client, setup):
     rendered = generate.prompt_for(PROMPT, setup["spec"])
     texts = {m: complete(client, model=m, prompt=rendered)["choices"][0]["text"]
-             for m in ("trained", "other", rs.base_name(setup["base"]))}
+             for m in ("trained", "other", targets.base_name(setup["base"]))}
     tokenizer, base = generate.load_base(setup["base"], setup["spec"])
     plain = generate.complete(base, tokenizer, [rendered], generate.with_overrides(setup["spec"].generation,
                                                                                    max_new_tokens=24))[0].text
-    assert texts[rs.base_name(setup["base"])] == plain
+    assert texts[targets.base_name(setup["base"])] == plain
     assert texts["other"] != texts["trained"] and texts["other"] != plain
 
 
@@ -163,7 +167,7 @@ BAD = [
     ("path as model", "/v1/completions", {"model": "/etc", "prompt": "x"}, 404, "model_not_found"),
     ("prompt too long", "/v1/completions", {"model": "trained", "prompt": "時間" * 200}, 400,
      "context_length_exceeded"),
-    ("max_tokens over cap", "/v1/completions", {"model": "trained", "prompt": "x", "max_tokens": 65}, 400,
+    ("max_tokens over cap", "/v1/completions", {"model": "trained", "prompt": "x", "max_tokens": 513}, 400,
      "max_tokens_exceeded"),
     ("n > 1", "/v1/completions", {"model": "trained", "prompt": "x", "n": 2}, 400, "invalid_request"),
     ("too many stops", "/v1/completions", {"model": "trained", "prompt": "x", "stop": ["a"] * 5}, 400,
@@ -237,27 +241,88 @@ def test_32_concurrent_requests_batch_and_match_one_by_one(client):
     assert [r["choices"][0]["text"] for r in results] == [alone[job] for job in jobs]
 
 
-def test_public_host_requires_an_api_key(setup, monkeypatch):
-    spec = setup["spec"]
-    monkeypatch.setattr(spec.serve, "api_key_env", None)
-    assert rs.api_key(spec, "127.0.0.1") is None and rs.api_key(spec, "::1") is None
-    with pytest.raises(rs.ServeError, match="API key is required"):
-        rs.api_key(spec, "0.0.0.0")
-    monkeypatch.setattr(spec.serve, "api_key_env", KEY_ENV)
-    monkeypatch.delenv(KEY_ENV, raising=False)
-    with pytest.raises(rs.ServeError, match=KEY_ENV):
-        rs.api_key(spec, "192.0.2.1")
-    monkeypatch.setenv(KEY_ENV, "s3cret")
-    assert rs.api_key(spec, "0.0.0.0") == "s3cret"
+def test_overload_is_shed_with_503_and_every_request_ends_within_the_timeout(setup):
+    """More concurrent requests than a replica (2 x its slots) and Serve's queue hold, on an app of 2 slots and a
+    queue of 2 (the main app's must hold the 32 concurrent requests above): each ends before the proxy's timeout,
+    200 or a 503 with Retry-After; each 200 stopped at its own max_tokens, beside a row with another limit."""
+    spec = rspec.with_overrides(setup["spec"], ["serve.max_batch_size=2", "serve.max_queued_requests=2"])
+    rs.deploy(spec, setup["base"], {"trained": str(setup["trained"])}, name="tight", route_prefix="/tight")
+    s = spec.serve
+    count = 4 * (2 * s.max_batch_size + s.max_queued_requests)
+    ready = threading.Barrier(count)
+
+    def post(index: int):
+        max_tokens = 64 - index % 4
+        with httpx.Client(base_url=setup["url"], timeout=2 * s.request_timeout_s) as c:
+            ready.wait()
+            started = time.monotonic()
+            r = c.post("/tight/v1/completions", json={"model": "trained", "prompt": PROMPT, "max_tokens": max_tokens})
+            return max_tokens, r, time.monotonic() - started
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:
+            results = list(pool.map(post, range(count)))
+    finally:
+        rs.stop("tight")
+    assert {r.status_code for _, r, _ in results} == {200, 503}
+    assert max(elapsed for *_, elapsed in results) < s.request_timeout_s
+    for max_tokens, r, _ in results:
+        if r.status_code == 503:  # Serve's own answer: its Retry-After, and a plain-text body (README, "Serving")
+            assert r.headers["retry-after"] == str(s.retry_after_s) and "backpressure" in r.text
+        else:
+            completion = r.json()
+            assert (completion["usage"]["completion_tokens"] == max_tokens
+                    or completion["choices"][0]["finish_reason"] == "stop")
+
+
+def _logged_ends(capfd, request_ids: list[str], timeout_s: float = 30) -> dict[str, dict]:
+    """request id -> the fields of the replica's log line for that request's end. A replica logs to stderr too, and
+    Ray prints its workers' output on the driver's (this process's) stderr."""
+    ends, deadline = {}, time.monotonic() + timeout_s
+    while len(ends) < len(request_ids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        for line in capfd.readouterr().err.splitlines():
+            ends.update({request_id: dict(part.split("=", 1) for part in line.split() if "=" in part)
+                         for request_id in request_ids if request_id in line and "completion_tokens=" in line})
+    assert len(ends) == len(request_ids), f"the replica logged no end of {set(request_ids) - set(ends)}"
+    return ends
+
+
+def test_a_request_whose_client_is_gone_stops_decoding(setup, client, capfd):
+    """A stream closed after its first chunk, a request its client gave up on and one past its timeout: the engine
+    ends each well before max_tokens (the replica's log line for the request id says how many tokens it decoded)."""
+    limit = setup["spec"].serve.max_tokens_limit
+    body = {"model": "trained", "prompt": PROMPT, "max_tokens": limit}
+    ids = {how: f"{how}-{uuid.uuid4().hex}" for how in ("stream", "gave-up", "timeout")}
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True},
+                       headers={"x-request-id": ids["stream"]}) as r:
+        next(r.iter_lines())
+    with pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/completions", json=body, headers={"x-request-id": ids["gave-up"]}, timeout=0.5)
+    r = client.post("/v1/completions", json=body,
+                    headers={"x-request-id": ids["timeout"], "x-request-timeout-seconds": "0.5"})
+    assert r.status_code == 408
+    ends = _logged_ends(capfd, list(ids.values()))
+    assert all(e["finish"] == "cancelled" and int(e["completion_tokens"]) < limit / 2 for e in ends.values()), ends
+
+
+@pytest.mark.parametrize("header,value", [("x-request-timeout-seconds", "0"), ("x-request-timeout-seconds", "3600"),
+                                          ("x-request-disconnect-disabled", "?1")])
+def test_a_client_cannot_lift_the_servers_bounds(client, header, value):
+    """Serve's proxy obeys these headers from anyone (no timeout; decoding on after the client is gone)."""
+    r = client.post("/v1/completions", json={"model": "trained", "prompt": "x", "max_tokens": 1},
+                    headers={header: value})
+    assert r.status_code == 400 and (r.json()["error"]["code"], r.json()["error"]["param"]) == ("header_not_allowed",
+                                                                                                header)
 
 
 def test_invalid_serving_setups_are_refused(setup):
-    with pytest.raises(rs.ServeError, match="invalid adapter name"):
+    with pytest.raises(targets.ServeError, match="invalid adapter name"):
         rs.deploy(setup["spec"], setup["base"], {"../x": str(setup["other"])}, name="bad")
-    with pytest.raises(rs.ServeError, match="not an adapter folder"):
+    with pytest.raises(targets.ServeError, match="not an adapter folder"):
         rs.deploy(setup["spec"], setup["base"], {"x": str(setup["other"].parent)}, name="bad")
     merged = rspec.with_overrides(setup["spec"], ["serve.merge=true"])
-    with pytest.raises(rs.ServeError, match="serve.merge: a merged model serves exactly one adapter"):
+    with pytest.raises(targets.ServeError, match="serve.merge: a merged model serves exactly one adapter"):
         rs.deploy(merged, setup["base"], {"a": str(setup["trained"]), "b": str(setup["other"])}, name="bad")
     assert "bad" not in serve.status().applications
 
@@ -267,7 +332,7 @@ def test_api_key_and_merged_model(client, setup, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "s3cret")
     spec = generate.run_spec(setup["trained"])
     spec.serve.cpus_per_replica, spec.serve.merge, spec.serve.api_key_env = 0.5, True, KEY_ENV
-    rs.deploy(spec, setup["base"], {"trained": str(setup["trained"])}, rs.api_key(spec, "127.0.0.1"),
+    rs.deploy(spec, setup["base"], {"trained": str(setup["trained"])}, targets.api_key(spec, "127.0.0.1"),
               name="secure", route_prefix="/secure")
     try:
         body = {"model": "trained", "prompt": PROMPT, "max_tokens": 24}
@@ -372,7 +437,7 @@ def test_autoscaling_goes_to_two_replicas_under_load_and_back(client, setup):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# serve's "auto" settings and `ray-sft serve` overrides (nothing deployed)
+# serve's "auto" settings (nothing deployed)
 
 GPU_SPECS = sorted(REPO.glob("jobs/llm-jp-3-1.8b-dolly-ja*.yaml"))
 
@@ -414,41 +479,3 @@ def test_defaults_resolve_for_the_real_cluster(ray_cluster, tmp_path):
     served = rs.replica_spec(quick_spec(tmp_path), {"one": "unused"}).serve
     assert (served.gpus_per_replica, served.merge, served.max_batch_size) == ((1, True, 32) if has_gpu else
                                                                               (0, False, 8))
-
-
-@pytest.fixture(scope="module")
-def run_adapter(tmp_path_factory, tiny_model_path):
-    """<run>/adapter with <run>/spec.yaml beside it, as train leaves them (made in seconds, without Ray)."""
-    out = tmp_path_factory.mktemp("run")
-    return random_adapter(quick_spec(out), tiny_model_path, out, seed=3)
-
-
-def _served(argv: list[str]):
-    """What `ray-sft serve ARGV` would deploy: (spec, base, adapters)."""
-    args = cli._parse(["serve", *argv])
-    return rs.targets(args.spec, args.overrides, args.adapter, args.base)
-
-
-def test_overrides_between_and_after_adapter_flags_reach_the_served_spec(run_adapter):
-    job, base, adapters = _served(["--adapter", f"a={run_adapter}", "serve.max_batch_size=3",
-                                   "--adapter", f"b={run_adapter}", "generation.max_new_tokens=7"])
-    assert (job.serve.max_batch_size, job.generation.max_new_tokens) == (3, 7)
-    assert job.quantization == generate.run_spec(run_adapter).quantization  # the rest: the adapter's run spec
-    assert adapters == {"a": str(run_adapter), "b": str(run_adapter)} and base == generate.base_of(run_adapter)
-
-
-def test_overrides_with_a_job_spec_reach_the_served_spec(run_adapter):
-    run = run_adapter.parent
-    job, _, adapters = _served([str(QUICKSTART), f"output.dir={run.parent}", f"output.name={run.name}",
-                                "--adapter", f"b={run_adapter}", "serve.max_batch_size=3"])
-    assert job.serve.max_batch_size == 3 and adapters == {run.name: str(run_adapter), "b": str(run_adapter)}
-
-
-@pytest.mark.parametrize("override,error", [
-    ("serve.max_batch_size=0", "serve.max_batch_size: must be > 0"),
-    ("serve.gpus_per_replica=many", "serve.gpus_per_replica: 'many' is not one of"),
-    ("serve.bogus=1", "serve.bogus: unknown field"),
-])
-def test_bad_serve_override_exits_2_naming_the_field(run_adapter, capsys, override, error):
-    assert cli.main(["serve", "--adapter", f"a={run_adapter}", override]) == 2
-    assert error in capsys.readouterr().err

@@ -351,12 +351,13 @@ def main() -> None:
         save()
 
         from ray_sft import cluster, serve
+        from ray_sft.spec import ServeSpec
 
         with cluster.connect():
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-            url = serve.start("127.0.0.1", port)
+            url = serve.start("127.0.0.1", port, ServeSpec().request_timeout_s)
             merged = deploy(url, {first: adapters[first]}, args.device, "merged")
             log("merged app ready")
             multi = deploy(url, adapters, args.device, "multi")
