@@ -7,11 +7,10 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUICKSTART, REPO, free_port
+from tests.conftest import QUICKSTART, REPO
 
 # Runs the CLI, then says on stderr whether Ray was ever imported: a verb that never imports ray never starts it.
 PROBE = ("import sys; from ray_sft.cli import main; code = main(sys.argv[1:]); "
@@ -161,7 +160,6 @@ def test_address_without_scheme_is_refused_at_once(argv):
 
 QUIET_PROBE = """
 import logging, os, sys, warnings
-from pathlib import Path
 from ray_sft import console
 logging.basicConfig(level=logging.INFO)
 with console.quiet(Path(sys.argv[1]), verbose=sys.argv[2] == "1"):
