@@ -160,6 +160,7 @@ def test_address_without_scheme_is_refused_at_once(argv):
 
 QUIET_PROBE = """
 import logging, os, sys, warnings
+from pathlib import Path
 from ray_sft import console
 logging.basicConfig(level=logging.INFO)
 with console.quiet(Path(sys.argv[1]), verbose=sys.argv[2] == "1"):
