@@ -56,7 +56,7 @@ class FakeHub:
 
     def create_repo(self, repo, private, exist_ok):
         self.calls.append("create_repo")  # exist_ok: an existing repo keeps its visibility, as on the Hub
-        return f"https://huggingface.co/{repo}"
+        return f"https://hub.example/{repo}"
 
     def repo_info(self, repo):
         return type("Info", (), {"private": self.private})()
@@ -67,7 +67,7 @@ class FakeHub:
 
         if not self.may_change:
             raise HfHubHTTPError("403 Forbidden", response=httpx.Response(
-                403, request=httpx.Request("PUT", f"https://huggingface.co/api/models/{repo}/settings")))
+                403, request=httpx.Request("PUT", f"https://hub.example/api/models/{repo}/settings")))
         self.calls.append(f"private={private}")
         self.private = private
 
