@@ -90,9 +90,13 @@ def quiet(run_dir: Path, verbose: bool = False):
     saved = os.dup(1), os.dup(2)
     _terminal, owned = _console_stream()
     _progress = Progress(_terminal)
-    with open(log_dir / "console.log", "a", encoding="utf-8") as log_file:
+    streams = sys.stdout, sys.stderr
+    with open(log_dir / "console.log", "a", encoding="utf-8", buffering=1) as log_file:
         os.dup2(log_file.fileno(), 1)
         os.dup2(log_file.fileno(), 2)
+        # Python-level writers too (Ray's echo of worker output, warnings): sys.stdout is not always fd 1 (a
+        # notebook, a captured stdout), and they look it up at each write.
+        sys.stdout = sys.stderr = log_file
         handler = _own_warnings_to_terminal()
         echo = _echo_own_worker_lines()
         try:
@@ -102,8 +106,8 @@ def quiet(run_dir: Path, verbose: bool = False):
             _progress.close()
             _progress = None
             logging.getLogger("ray_sft").removeHandler(handler)
-            sys.stdout.flush()
-            sys.stderr.flush()
+            log_file.flush()
+            sys.stdout, sys.stderr = streams
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             for fd in saved:
