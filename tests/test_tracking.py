@@ -204,9 +204,10 @@ def mlflow_uri(tmp_path_factory):
 def test_a_search_is_one_parent_run_with_a_child_per_trial_on_a_real_mlflow_server(ray_cluster, mlflow_uri, tmp_path):
     from mlflow import MlflowClient
 
-    # One trial at a time, the absurd one second: ASHA stops it at its first eval, deterministically.
+    # One trial at a time, the absurd one second: ASHA stops it at its first eval, with steps still to go (with only
+    # 2 steps, a fast trial could finish before the stop reached it).
     code, out = run_cli("tune", str(QUICKSTART_TUNE), f"output.dir={tmp_path}", *FAST, "output.name=tracked",
-                        "training.max_steps=2", "training.eval_steps=1", "training.save_steps=1",
+                        "training.max_steps=4", "training.eval_steps=1", "training.save_steps=1",
                         "training.warmup_steps=0", "tune.num_samples=1", "tune.max_concurrent_trials=1",
                         f"tune.search_space={{training.learning_rate: {{grid: [2.0e-3, {ABSURD_LR}]}}}}",
                         "tracking.backends=[tensorboard, mlflow, wandb]", f"tracking.mlflow.uri={mlflow_uri}",
