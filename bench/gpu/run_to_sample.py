@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import FAST_SPEC, REPO, environment, overrides, setup  # noqa: E402
+from train_speed import FAST_SPEC, REPO, environment, overrides, prepare  # noqa: E402
 
 MARKS = {"adapter": "adapter:", "serving": "serving ", "sample": "sample completion:"}
 
@@ -65,10 +65,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU: dry-run the script")
     args = parser.parse_args()
     deadline = time.monotonic() + args.deadline
-    args.out.mkdir(parents=True, exist_ok=True)
-    args.work.mkdir(parents=True, exist_ok=True)
-    if not (args.work / "data.jsonl").is_file():
-        setup(args.work, args.tiny)
+    prepare(args)
     runs = []
     for index in range(args.repeats):
         left = deadline - time.monotonic()

@@ -46,10 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["NCCL_NVLS_ENABLE"] = "0"  # inherited by the Ray cluster `ray-sft train` starts
     deadline = time.monotonic() + args.deadline
-    args.out.mkdir(parents=True, exist_ok=True)
-    args.work.mkdir(parents=True, exist_ok=True)
-    if not (args.work / "data.jsonl").is_file():
-        train_speed.setup(args.work, args.tiny)
+    train_speed.prepare(args)
 
     rows = {}
     for n in (int(w) for w in args.workers.split(",")):

@@ -98,6 +98,14 @@ def setup(work: Path, tiny: bool) -> None:
         "max": lengths[-1]}))
 
 
+def prepare(args) -> None:
+    """--out and --work exist, and --work holds the synthetic model and rows (made once, reused by later scripts)."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if not (args.work / "data.jsonl").is_file():
+        setup(args.work, args.tiny)
+
+
 def overrides(work: Path, steps: int, name: str, device: str) -> list[str]:
     """What every run shares: the synthetic model and data, a fixed step count, a loss log on every step."""
     return [f"model.name_or_path={work / 'model'}", f"data.source={work / 'data.jsonl'}", "data.max_rows=1024",
@@ -474,11 +482,8 @@ def main() -> None:
                            group=args.one == "variant-group")
 
     deadline = time.monotonic() + args.deadline
-    args.out.mkdir(parents=True, exist_ok=True)
-    args.work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    if not (args.work / "data.jsonl").is_file():
-        setup(args.work, args.tiny)
+    prepare(args)
     print(f"setup {time.monotonic() - started:.0f}s", json.loads((args.work / "data_stats.json").read_text()),
           flush=True)
     names = args.configs.split(",")

@@ -97,10 +97,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU: dry-run the script")
     args = parser.parse_args()
     deadline = time.monotonic() + args.deadline
-    args.out.mkdir(parents=True, exist_ok=True)
-    args.work.mkdir(parents=True, exist_ok=True)
-    if not (args.work / "data.jsonl").is_file():
-        train_speed.setup(args.work, args.tiny)
+    train_speed.prepare(args)
 
     if args.no_baseline:
         baseline = {}
