@@ -7,10 +7,9 @@ table last:
     python bench/gpu/serve_speed.py --out $OUT                       # on the H200, about 500 s
     python bench/gpu/serve_speed.py --out /tmp/o --tiny --device cpu  # CPU dry run of the whole script
 
+Each level below is repeated --repeats times, interleaved, each timing >= 10 requests after a warm-up:
 (a) the loop: `ray_sft.generate` as `ray-sft generate` runs it (4-bit NF4 base + PeftModel, greedy, repetition
-    penalty 1.2, 100 new tokens), one request at a time, measured once (it is ~70x slower than what it is
-    compared with, and repeating it would not fit the deadline);
-then each level below repeated --repeats times, interleaved, each timing >= 10 requests after a warm-up:
+    penalty 1.2, 100 new tokens), one request at a time;
 (b) plain batch of 32: the merged model in this process, 32 requests through `ray_sft.engine`, no HTTP, no Ray;
 (c) `ray-sft serve`, merged single adapter, real HTTP on 127.0.0.1: concurrency 1 (p50) and 32 (tokens/s);
 (d) a request arriving mid-batch: one client's sequential requests while 31 others keep the merged replica busy;
@@ -48,7 +47,6 @@ RECIPE_SPEC = REPO / "jobs" / "llm-jp-3-1.8b-dolly-ja.yaml"
 NEW_TOKENS = 100
 PROMPTS = 64
 EOS_ID = 2
-LOOP_REQUESTS = 3
 ADAPTERS = 4
 TIMED = 10  # requests per timing at least
 CONCURRENCY = 32
@@ -134,31 +132,23 @@ def gpu_used_gib() -> float | None:
         return None
 
 
-def free_gpu(device: str) -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()  # the servers need the GPU
-
-
-def bench_loop(adapter: Path, prompts: list[str], device: str) -> dict:
+class Loop:
     """(a) `ray-sft generate`'s code path, one request at a time: the recipe's inference cell."""
-    from ray_sft import generate
 
-    loaded = generate.load(adapter, device=device)
-    generate.generate(loaded, prompts[-1])  # warm-up, not timed
-    latencies, counts, started = [], [], time.perf_counter()
-    for prompt in prompts[:LOOP_REQUESTS]:
-        t = time.perf_counter()
-        counts.append(generate.generate(loaded, prompt).completion_tokens)
-        latencies.append(time.perf_counter() - t)
-    result = row(sum(counts), time.perf_counter() - started, latencies, counts)
-    del loaded
-    free_gpu(device)
-    return result
+    def __init__(self, adapter: Path, device: str):
+        from ray_sft import generate
+
+        self.loaded = generate.load(adapter, device=device)
+
+    def __call__(self, prompts: list[str]) -> dict:
+        from ray_sft import generate
+
+        latencies, counts, started = [], [], time.perf_counter()
+        for prompt in prompts[:TIMED]:
+            t = time.perf_counter()
+            counts.append(generate.generate(self.loaded, prompt).completion_tokens)
+            latencies.append(time.perf_counter() - t)
+        return row(sum(counts), time.perf_counter() - started, latencies, counts)
 
 
 class PlainBatch:
@@ -282,17 +272,16 @@ def results(report: dict) -> dict:
     if c32 and multi:
         out["serve_multi4_c32_tokens_per_s"] = summary(multi)
         out["serve_multi4_c32_over_merged"] = summary([a / b for a, b in zip(multi, c32)])
-    if c32 and report.get("loop"):
-        out["serve_c32_over_loop"] = summary([a / report["loop"]["tokens_per_s"] for a in c32])
+    loop = pick("loop", "tokens_per_s")
+    if loop:
+        out["loop_tokens_per_s"] = summary(loop)
+    if c32 and loop:
+        out["serve_c32_over_loop"] = summary([a / b for a, b in zip(c32, loop)])
     return out
 
 
 def table(report: dict, medians: dict) -> str:
     lines = ["| measure | median | min-max | repeats |", "|---|---:|---:|---:|"]
-    if report.get("loop"):
-        loop = report["loop"]
-        lines.append(f"| (a) recipe loop tokens/s (1 run, {loop['requests']} requests) | {loop['tokens_per_s']:,.1f} "
-                     f"| - | 1 |")
     for key, value in medians.items():
         lines.append(f"| {key} | {value['median']:,.3f} | {value['min']:,.3f}-{value['max']:,.3f} | {value['n']} |")
     return "\n".join(lines)
@@ -341,8 +330,9 @@ def main() -> None:
         setup(args.work, args.tiny, args.device, tuple(args.set))
         prompts = json.loads((args.work / "prompts.json").read_text())
         log("setup done")
-        report["loop"] = bench_loop(adapters[first], prompts, args.device)
-        log(f"loop: {report['loop']}")
+        loop = Loop(adapters[first], args.device)
+        loop(prompts[-1:])  # warm-up
+        log("loop ready")
         plain = PlainBatch(adapters[first], args.device)
         plain(prompts)  # warm-up
         report["engine_load_s"], report["graphed_same_text_as_eager"] = plain.load_s, plain.same_text_as_eager(prompts)
@@ -363,6 +353,7 @@ def main() -> None:
             multi = deploy(url, adapters, args.device, "multi")
             log("4-adapter app ready")
             levels = {
+                "loop": lambda: loop(prompts),
                 "plain_batch32": lambda: plain(prompts),
                 "merged_c1": lambda: bench_server(merged, prompts, [first], 1, TIMED),
                 "merged_c32": lambda: bench_server(merged, prompts, [first], CONCURRENCY, 2 * CONCURRENCY),
