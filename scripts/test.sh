@@ -3,5 +3,5 @@
 # pytest exits 5 when it collected no test: that is a failure here, as is any other non-zero exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh test
 exec .venv/bin/python -m pytest "$@"
