@@ -13,7 +13,7 @@ import ray
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
-from ray_sft import registry, targets
+from ray_sft import fit, registry, targets
 from ray_sft.replica import ModelServer
 from ray_sft.spec import JobSpec, to_dict, with_values
 
@@ -107,10 +107,11 @@ def app_builder(args: dict):
 
 def _publish(spec: JobSpec, base: str, adapters: dict[str, str], api_key: str | None, name: str,
              route_prefix: str):
-    """Put the adapters in the app's registry; (registry, the entries it had, the new version, whether the same app
-    already runs)."""
+    """Put the adapters in the app's registry, once each is known to load on the base; (registry, the entries it
+    had, the new version, whether the same app already runs)."""
     targets.check_adapters(spec, base, adapters)
     entries = {n: registry.entry(p) for n, p in adapters.items()}
+    fit.check(spec, base, adapters)
     setup = hashlib.sha256(repr((base, to_dict(spec), _digest(api_key), route_prefix)).encode()).hexdigest()
     adapter_registry = registry.open_for(name)
     running = name in serve.status().applications and ray.get(adapter_registry.setup.remote()) == setup
