@@ -35,8 +35,9 @@ from ray_sft.targets import base_name
 log = logging.getLogger("ray.serve")
 
 WATCH_INTERVAL_S = 0.5
-# A registry that restarts answers after that; one that does not is reported as unreachable (once).
-REGISTRY_TIMEOUT_S = 10
+# A registry that restarts answers within that (about a second here); one that does not is reported as unreachable
+# (once), and a replica that starts meanwhile fails and is started again by Serve.
+REGISTRY_TIMEOUT_S = 5
 # Headers Serve's proxy obeys from any client, meant for a load balancer in front of it: the client's own timeout
 # (0: none) and "?1" to keep a request decoding after its client has gone.
 TIMEOUT_HEADER = couplings.require("ray", serve_constants, "SERVE_HTTP_REQUEST_TIMEOUT_S_HEADER")

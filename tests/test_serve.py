@@ -22,6 +22,7 @@ from ray import serve
 
 from ray_sft import cli, generate, registry, spec as rspec, targets
 from ray_sft import serve as rs
+from ray_sft.replica import REGISTRY_TIMEOUT_S
 from tests.adapters import random_adapter
 from tests.conftest import REPO, quick_spec, run_cli
 
@@ -484,8 +485,9 @@ def test_a_killed_replica_ends_every_request_and_is_replaced(client, setup):
 
 @pytest.mark.slow
 def test_a_killed_registry_restarts_and_replicas_keep_serving(client, setup, capfd):
-    """SIGKILL on the adapter registry under load: Ray restarts it with what was published, every request is a 200,
-    each replica reports it unreachable at most once, and a hot swap through the restarted registry works."""
+    """The adapter registry under load, SIGSTOPped past the replicas' timeout, then SIGKILLed: Ray restarts it with
+    what was published, every request is a 200, each replica logs once that it is unreachable and once that it is
+    back, and a hot swap through the restarted registry works."""
     pid, before = _alive_pid(**MAIN_REGISTRY), complete(client, model="other")["choices"][0]["text"]
     stop, results = threading.Event(), []
     threads = [threading.Thread(target=_load, args=(client, m, stop, results)) for m in ("trained", "other") * 2]
@@ -493,6 +495,8 @@ def test_a_killed_registry_restarts_and_replicas_keep_serving(client, setup, cap
         t.start()
     try:
         time.sleep(1)
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(REGISTRY_TIMEOUT_S + 2)  # every replica's poll times out, then polls again (and again)
         os.kill(pid, signal.SIGKILL)
         assert _wait_for(lambda: _alive_pid(**MAIN_REGISTRY) not in (None, pid), 30), "the registry never restarted"
         time.sleep(2)  # load on the replicas after the restart, too
@@ -508,8 +512,8 @@ def test_a_killed_registry_restarts_and_replicas_keep_serving(client, setup, cap
     finally:
         rs.deploy(setup["spec"], setup["base"], {"trained": str(setup["trained"]), "other": str(setup["other"])})
     assert complete(client, model="other")["choices"][0]["text"] == before
-    logged = capfd.readouterr().err
-    assert logged.count("adapter registry") <= 2 * _running_replicas(rs.APP_NAME), logged  # unreachable, back
+    logged, replicas = capfd.readouterr().err, _running_replicas(rs.APP_NAME)
+    assert (logged.count("unreachable"), logged.count("reachable again")) == (replicas, replicas), logged
 
 
 def _broken_copy(adapter, out, fault: str):
