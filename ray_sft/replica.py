@@ -35,6 +35,9 @@ from ray_sft.targets import base_name
 log = logging.getLogger("ray.serve")
 
 WATCH_INTERVAL_S = 0.5
+# A registry that restarts answers within that (about a second here); one that does not is reported as unreachable
+# (once), and a replica that starts meanwhile fails and is started again by Serve.
+REGISTRY_TIMEOUT_S = 5
 # Headers Serve's proxy obeys from any client, meant for a load balancer in front of it: the client's own timeout
 # (0: none) and "?1" to keep a request decoding after its client has gone.
 TIMEOUT_HEADER = couplings.require("ray", serve_constants, "SERVE_HTTP_REQUEST_TIMEOUT_S_HEADER")
@@ -103,12 +106,14 @@ class ModelServer:
         self.route: multi_lora.Route | None = None
         self.adapters: dict[str, str] = {}  # served name -> internal peft adapter name
         self.stamps: dict[str, dict] = {}
-        self.version = 0
+        self.version = 0  # of the registry's adapters this replica serves
+        self.refused: tuple[int, str] | None = None  # the last version that failed to load here, and why
         # Every model operation runs on the engine's one thread, between decode steps: an adapter load never
         # overlaps a forward pass.
         self.engine = engine.Engine(self.tokenizer, self.spec.serve.max_batch_size,
                                     generate.longest_request(self.spec))
         threading.Thread(target=self.engine.serve_forever, daemon=True, name="model").start()
+        self.registry_name = registry_name
         self.registry = registry.find(registry_name)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._sync()  # the first adapters load before Serve marks the replica ready
@@ -123,19 +128,40 @@ class ModelServer:
     # -- adapters (hot swap) -------------------------------------------------------------------------------------
 
     def _watch(self) -> None:
+        reachable = True
         while True:
             time.sleep(WATCH_INTERVAL_S)
             try:
+                if not reachable:  # a registry removed for good may since have been created anew under its name
+                    self.registry = registry.find(self.registry_name)
                 self._sync()
-            except Exception:  # a bad folder keeps the adapters already served; the deploy call times out
-                log.exception("adapter update failed")
+            except Exception as exc:  # the registry is down or restarting; the loaded adapters keep serving
+                if reachable:
+                    log.warning("adapter registry %s unreachable (%r): serving the loaded adapters (version %d) "
+                                "until it is back", self.registry_name, exc, self.version)
+                reachable = False
+            else:
+                if not reachable:
+                    log.info("adapter registry %s reachable again (version %d)", self.registry_name, self.version)
+                reachable = True
 
     def _sync(self) -> None:
-        version, entries = ray.get(self.registry.snapshot.remote())
-        if version != self.version:
+        version, entries = ray.get(self.registry.snapshot.remote(), timeout=REGISTRY_TIMEOUT_S)
+        if version not in (self.version, self.refused and self.refused[0]):
+            self._load(version, entries)
+        self.registry.ack.remote(self.replica_id, self.version, self.refused)
+
+    def _load(self, version: int, entries: dict[str, dict]) -> None:
+        try:
             self.engine.call(lambda: self._apply_adapters(entries)).result()
+        except Exception as exc:
+            if not self.version:
+                raise  # nothing loaded yet: this replica has nothing to serve and fails to start
+            # The driver hears of it through the registry and puts every replica back on the previous adapters.
+            log.exception("adapters of version %d not loaded; still serving version %d", version, self.version)
+            self.refused = (version, str(exc))
+        else:
             self.version = version
-        self.registry.ack.remote(self.replica_id, version)
 
     def _apply_adapters(self, wanted: dict[str, dict]) -> None:
         """Load new or changed adapters under fresh internal names, switch the served names over, drop the replaced
@@ -159,11 +185,20 @@ class ModelServer:
             self.engine.load(model, {base_name(self.base): 0, **routes}, self.route)
 
     def _load_changed(self, wanted: dict[str, dict], changed: dict[str, dict]) -> None:
+        """All changed adapters load before any served name switches: a folder that fails leaves every name on
+        what it served."""
+        fresh = {name: f"a{uuid.uuid4().hex[:12]}" for name in changed}
+        for name, entry in changed.items():
+            try:
+                self.model = generate.add_adapter(self.model, entry["path"], fresh[name])
+            except Exception as exc:
+                for internal in fresh.values():
+                    if internal in getattr(self.model, "peft_config", {}):
+                        self.model.delete_adapter(internal)
+                raise RuntimeError(f"adapter {name} ({entry['path']}): {exc}") from exc
         replaced = [self.adapters[n] for n in self.adapters if n not in wanted or n in changed]
         for name, entry in changed.items():
-            internal = f"a{uuid.uuid4().hex[:12]}"
-            self.model = generate.add_adapter(self.model, entry["path"], internal)
-            self.adapters[name], self.stamps[name] = internal, entry
+            self.adapters[name], self.stamps[name] = fresh[name], entry
             log.info("adapter %s loaded from %s", name, entry["path"])
         for name in [n for n in self.adapters if n not in wanted]:
             del self.adapters[name], self.stamps[name]

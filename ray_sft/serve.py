@@ -13,7 +13,7 @@ import ray
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
-from ray_sft import registry, targets
+from ray_sft import fit, registry, targets
 from ray_sft.replica import ModelServer
 from ray_sft.spec import JobSpec, to_dict, with_values
 
@@ -77,13 +77,20 @@ def deploy(spec: JobSpec, base: str, adapters: dict[str, str], api_key: str | No
            name: str = APP_NAME, route_prefix: str = "/", timeout_s: float = 300) -> None:
     """Serve `adapters` (name -> folder) on `base`; wait until every replica serves them.
 
-    When the app already runs with the same base, resolved spec and key, only the adapters change: a hot swap.
+    When the app already runs with the same base, resolved spec and key, only the adapters change: a hot swap. One
+    that fails on a replica puts every replica back on the previous adapters and raises ServeError with the reason.
     """
     spec = replica_spec(spec, adapters)
-    adapter_registry, version, running = _publish(spec, base, adapters, api_key, name, route_prefix)
+    adapter_registry, previous, version, running = _publish(spec, base, adapters, api_key, name, route_prefix)
     if not running:
         serve.run(build_app(spec, base, registry.name_of(name), api_key), name=name, route_prefix=route_prefix)
-    _wait_applied(adapter_registry, name, version, timeout_s)
+    try:
+        _wait_applied(adapter_registry, name, version, timeout_s)
+    except targets.ServeError as exc:
+        if not running:
+            raise
+        _roll_back(adapter_registry, name, previous, exc, timeout_s)
+        raise targets.ServeError(f"{exc}; every replica serves the previous adapters again") from exc
 
 
 def app_builder(args: dict):
@@ -100,24 +107,39 @@ def app_builder(args: dict):
 
 def _publish(spec: JobSpec, base: str, adapters: dict[str, str], api_key: str | None, name: str,
              route_prefix: str):
-    """Put the adapters in the app's registry; (registry, version, whether the same app already runs)."""
+    """Put the adapters in the app's registry, once each is known to load on the base; (registry, the entries it
+    had, the new version, whether the same app already runs)."""
     targets.check_adapters(spec, base, adapters)
     entries = {n: registry.entry(p) for n, p in adapters.items()}
+    fit.check(spec, base, adapters)
     setup = hashlib.sha256(repr((base, to_dict(spec), _digest(api_key), route_prefix)).encode()).hexdigest()
     adapter_registry = registry.open_for(name)
     running = name in serve.status().applications and ray.get(adapter_registry.setup.remote()) == setup
-    return adapter_registry, ray.get(adapter_registry.publish.remote(entries, setup)), running
+    previous = ray.get(adapter_registry.snapshot.remote())[1]
+    return adapter_registry, previous, ray.get(adapter_registry.publish.remote(entries, setup)), running
 
 
 def _wait_applied(adapter_registry, name: str, version: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         replicas = serve.status().applications[name].deployments["ModelServer"].replica_states.get("RUNNING", 0)
-        if replicas and ray.get(adapter_registry.count_applied.remote(version)) >= replicas:
+        applied, failure = ray.get(adapter_registry.progress.remote(version))
+        if failure:
+            raise targets.ServeError(f"serve: the adapters did not load: {failure}")
+        if replicas and applied >= replicas:
             return
         time.sleep(0.2)
     raise targets.ServeError(f"serve: replicas did not load the adapters within {timeout_s:.0f}s "
                              "(see the replica logs)")
+
+
+def _roll_back(adapter_registry, name: str, previous: dict, failed: targets.ServeError, timeout_s: float) -> None:
+    """Publish the adapters served before a failed swap again, so that no replica stays on the new ones."""
+    setup = ray.get(adapter_registry.setup.remote())
+    try:
+        _wait_applied(adapter_registry, name, ray.get(adapter_registry.publish.remote(previous, setup)), timeout_s)
+    except targets.ServeError as exc:
+        raise targets.ServeError(f"{failed}; rolling back to the previous adapters failed too: {exc}") from exc
 
 
 def stop(name: str = APP_NAME) -> None:

@@ -19,6 +19,9 @@ PRIVATE_NAMES = [
     ("ray", "ray._raylet", "AuthenticationTokenLoader.instance", ()),  # jobs: re-read the token
     ("ray", "ray.serve._private.constants", "SERVE_HTTP_REQUEST_TIMEOUT_S_HEADER", ()),  # replica: refused
     ("ray", "ray.serve._private.constants", "SERVE_HTTP_REQUEST_DISCONNECT_DISABLED_HEADER", ()),  # replica: refused
+    ("ray", "ray.experimental.internal_kv", "_internal_kv_get", ("namespace",)),  # registry: persisted state
+    ("ray", "ray.experimental.internal_kv", "_internal_kv_put", ("namespace",)),  # registry
+    ("ray", "ray.experimental.internal_kv", "_internal_kv_del", ("namespace",)),  # registry
     ("peft", "peft.tuners.lora", "LoraLayer.get_base_layer", ()),  # multi_lora: per-row LoRA from PEFT's layers
     ("peft", "peft.utils.other", "ModulesToSaveWrapper", ()),  # multi_lora: stacked embedding tables
 ]

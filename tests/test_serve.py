@@ -1,12 +1,15 @@
 """`ray_sft.serve` and the replica (`ray_sft.replica`) over real HTTP: Serve on 127.0.0.1 in the session's private
 Ray cluster, the tiny model, a trained adapter and a second (random) one. One main app is shared by most tests;
 auth+merge, overload (a small queue) and autoscaling get their own apps on other route prefixes of the same Serve
-instance."""
+instance. The failure tests kill the main app's replica and its adapter registry by PID and leave it serving."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import shutil
+import signal
 import socket
 import threading
 import time
@@ -17,10 +20,11 @@ import pytest
 import ray
 from ray import serve
 
-from ray_sft import cli, generate, spec as rspec, targets
+from ray_sft import cli, generate, registry, spec as rspec, targets
 from ray_sft import serve as rs
+from ray_sft.replica import REGISTRY_TIMEOUT_S
 from tests.adapters import random_adapter
-from tests.conftest import REPO, quick_spec
+from tests.conftest import REPO, quick_spec, run_cli
 
 PROMPT = "時間管理能力をあげるには?"
 KEY_ENV = "RAY_SFT_TEST_API_KEY"
@@ -434,6 +438,116 @@ def test_autoscaling_goes_to_two_replicas_under_load_and_back(client, setup):
         assert _wait_for(lambda: _running_replicas("scale") == 1, timeout_s=90), "never scaled back down"
     finally:
         rs.stop("scale")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# failures: processes killed by PID, a broken adapter
+
+
+def _alive_pid(**fields) -> int | None:
+    """The PID of the live actor whose GCS record has these fields (Name, ActorClassName), if there is one."""
+    from ray._private import state  # the GCS's actor table: the state API would need the dashboard
+
+    pids = [a["Pid"] for a in state.actors(actor_state_name="ALIVE").values()
+            if all(a[k] == v for k, v in fields.items()) and a["Pid"]]
+    return pids[0] if pids else None
+
+
+MAIN_REPLICA = {"ActorClassName": f"ServeReplica:{rs.APP_NAME}:ModelServer"}
+MAIN_REGISTRY = {"Name": registry.name_of(rs.APP_NAME)}
+
+
+def _post(url: str, model: str, timeout_s: float) -> int | str:
+    with httpx.Client(base_url=url, timeout=timeout_s) as c:
+        try:
+            return c.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 96}).status_code
+        except httpx.HTTPError as exc:
+            return type(exc).__name__
+
+
+@pytest.mark.slow
+def test_a_killed_replica_ends_every_request_and_is_replaced(client, setup):
+    """SIGKILL on the main app's replica during 32 concurrent requests: each ends, none hangs (those the replica held
+    with Serve's 500, the queued ones on the new replica), and a new replica answers within 60 s."""
+    pid, limit = _alive_pid(**MAIN_REPLICA), setup["spec"].serve.request_timeout_s
+    assert pid
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        posted = [pool.submit(_post, setup["url"], ("trained", "other")[i % 2], 2 * limit) for i in range(32)]
+        time.sleep(2)  # every request is at the replica or queued before it
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        ended = [f.result() for f in posted]
+    # Serve's proxy answers a request its replica died under with a 500; the kill landed while some were there.
+    assert all(code in (200, 500, 503) for code in ended) and ended.count(200) < 32, ended
+    assert _wait_for(lambda: _post(setup["url"], "other", 10) == 200, 60 - (time.monotonic() - killed))
+    assert _alive_pid(**MAIN_REPLICA) not in (None, pid)
+
+
+@pytest.mark.slow
+def test_a_killed_registry_restarts_and_replicas_keep_serving(client, setup, capfd):
+    """The adapter registry under load, SIGSTOPped past the replicas' timeout, then SIGKILLed: Ray restarts it with
+    what was published, every request is a 200, each replica logs once that it is unreachable and once that it is
+    back, and a hot swap through the restarted registry works."""
+    pid, before = _alive_pid(**MAIN_REGISTRY), complete(client, model="other")["choices"][0]["text"]
+    stop, results = threading.Event(), []
+    threads = [threading.Thread(target=_load, args=(client, m, stop, results)) for m in ("trained", "other") * 2]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(REGISTRY_TIMEOUT_S + 2)  # every replica's poll times out, then polls again (and again)
+        os.kill(pid, signal.SIGKILL)
+        assert _wait_for(lambda: _alive_pid(**MAIN_REGISTRY) not in (None, pid), 30), "the registry never restarted"
+        time.sleep(2)  # load on the replicas after the restart, too
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert results and set(results) == {200}
+    trained_text = complete(client, model="trained")["choices"][0]["text"]
+    try:
+        rs.deploy(setup["spec"], setup["base"], {"trained": str(setup["trained"]), "other": str(setup["trained"])})
+        assert complete(client, model="other")["choices"][0]["text"] == trained_text
+    finally:
+        rs.deploy(setup["spec"], setup["base"], {"trained": str(setup["trained"]), "other": str(setup["other"])})
+    assert complete(client, model="other")["choices"][0]["text"] == before
+    logged, replicas = capfd.readouterr().err, _running_replicas(rs.APP_NAME)
+    assert (logged.count("unreachable"), logged.count("reachable again")) == (replicas, replicas), logged
+
+
+def _broken_copy(adapter, out, fault: str):
+    """A copy of the adapter folder with one fault: a tensor of the wrong shape, or targets the base lacks."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    if fault == "shapes":
+        weights = load_file(out / "adapter_model.safetensors")
+        key = next(k for k in weights if "lora_A" in k)
+        weights[key] = weights[key][:, :-1].contiguous()
+        save_file(weights, out / "adapter_model.safetensors")
+    else:
+        config = json.loads((out / "adapter_config.json").read_text())
+        config["target_modules"] = ["no_such_proj"]
+        (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_a_hot_swap_to_a_broken_adapter_is_refused_and_the_old_one_served(client, setup, tmp_path, capsys):
+    """A folder whose tensors do not fit the base (through `ray-sft serve`: exit 2) or whose targets it lacks
+    (through serve.deploy): refused before any replica switches, with the reason; the old adapter still answers."""
+    before = complete(client, model="other")["choices"][0]["text"]
+    published = ray.get(registry.open_for(rs.APP_NAME).snapshot.remote())
+    shapes = _broken_copy(setup["other"], tmp_path / "shapes", "shapes")
+    code, _ = run_cli("serve", "--adapter", f"trained={setup['trained']}", "--adapter", f"other={shapes}",
+                      "--port", setup["url"].rsplit(":", 1)[1])
+    error = capsys.readouterr().err
+    assert code == 2 and f"adapter other ({shapes}) does not fit the base" in error and "size mismatch" in error
+    with pytest.raises(targets.ServeError, match=r"adapter other \(.*\) does not fit the base .*targeted"):
+        rs.deploy(setup["spec"], setup["base"],
+                  {"trained": str(setup["trained"]), "other": str(_broken_copy(setup["other"], tmp_path / "t", "t"))})
+    assert ray.get(registry.open_for(rs.APP_NAME).snapshot.remote()) == published  # no replica was told to switch
+    assert complete(client, model="other")["choices"][0]["text"] == before
 
 
 # ---------------------------------------------------------------------------------------------------------------
