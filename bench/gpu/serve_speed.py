@@ -4,7 +4,7 @@ One command on the GPU machine runs everything in one call (same model, adapters
 results.json (medians, with min-max under "spread"), serve_speed.json (every repeat) and a log to --out, and prints a
 table last:
 
-    python bench/gpu/serve_speed.py --out $OUT                       # on the H200, about 500 s
+    python bench/gpu/serve_speed.py --out $OUT --deadline 540        # on the H200, about 340 s
     python bench/gpu/serve_speed.py --out /tmp/o --tiny --device cpu  # CPU dry run of the whole script
 
 Each level below is repeated --repeats times, interleaved, each timing >= 10 requests after a warm-up:
