@@ -11,6 +11,9 @@ bench's synthetic model, forward and backward through ray_sft's trainer, once pe
 (2) LoRA dropout 0.05, as the spec has it: with and without gradient checkpointing, each compiled and eager.
     Masks differ between eager and compiled (different generators), but within one mode the recompute in
     backward must draw the forward's masks: checkpointed gradients equal the un-checkpointed ones.
+(3) Which bf16 step is nearer the truth: both against an fp32 reference (the same 4-bit codes dequantized to fp32,
+    the same LoRA and embedding values, no autocast), overall and per parameter group; and the compiled layers
+    with inductor's emulate_precision_casts (intermediates rounded to bf16 where eager rounds them).
 Writes compile_check.json to --out after every case (a deadline cut keeps what was measured).
 """
 
@@ -28,7 +31,7 @@ from train_speed import FAST_SPEC, overrides, prepare  # noqa: E402
 AUTOCAST = False
 
 
-def step_gradients(trainer, inputs, seed: int) -> tuple[float, dict]:
+def step_gradients(trainer, inputs, seed: int, autocast: bool | None = None) -> tuple[float, dict]:
     """Loss and LoRA/embedding gradients of one forward and backward pass, the global generator seeded first.
 
     With `--autocast` the forward runs under bf16 autocast, as the Trainer's (accelerate's) forward does with
@@ -38,7 +41,7 @@ def step_gradients(trainer, inputs, seed: int) -> tuple[float, dict]:
     model = trainer.model
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=AUTOCAST):
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=AUTOCAST if autocast is None else autocast):
         loss = trainer.compute_loss(model, inputs)
     loss.backward()
     return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -54,6 +57,69 @@ def distance(a: dict, b: dict) -> dict:
     scale = torch.sqrt(sum(torch.linalg.vector_norm(b[n]) ** 2 for n in b))
     return {"worst_param_rel": worst, "all_rel": (total / scale).item(), "params": len(b),
             "same_params": sorted(a) == sorted(b)}
+
+
+GROUPS = ("embed_tokens", "lora_A", "lora_B")
+
+
+def by_group(a: dict, b: dict) -> dict:
+    """Relative L2 difference per parameter group (the embedding copy, every lora_A, every lora_B)."""
+    import torch
+
+    found = {}
+    for group in GROUPS:
+        names = [n for n in b if group in n]
+        if names:
+            diff = torch.sqrt(sum(torch.linalg.vector_norm(a[n] - b[n]) ** 2 for n in names))
+            found[group] = (diff / torch.sqrt(sum(torch.linalg.vector_norm(b[n]) ** 2 for n in names))).item()
+    return found
+
+
+def against(reference: dict, **runs: dict) -> dict:
+    return {name: {**distance(grads, reference), "groups": by_group(grads, reference)} for name, grads in runs.items()}
+
+
+def fp32_trainer(args, trainer, rows, tokenizer, extra):
+    """The same step in fp32: compute dtype float32, no bf16, trainable values copied from `trainer`."""
+    import torch
+
+    from ray_sft import spec, train
+
+    job = spec.load(FAST_SPEC, overrides(args.work, 1, "compile-check-fp32", args.device) + extra
+                    + ["quantization.compute_dtype=float32", "training.bf16=false"])
+    reference = train.build_trainer(job, str(args.work / "model"), tokenizer, rows, [], args.device,
+                                    str(args.work / "runs" / "compile-check-fp32"))
+    values = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    targets = {n: p for n, p in reference.model.named_parameters() if n in values}
+    if targets.keys() != values.keys():
+        raise RuntimeError(f"fp32 model lacks trainable parameters: {sorted(values.keys() - targets.keys())[:5]}")
+    with torch.no_grad():
+        for name, param in targets.items():
+            param.copy_(values[name].to(param.dtype))
+    reference.model.train()
+    set_dropout(reference.model, 0.0)
+    return reference
+
+
+def loss_after_sign_step(reference, grads: dict, eta: float, inputs) -> float:
+    """The fp32 loss on `inputs` after every parameter moves by -eta * sign(its gradient), then put back.
+
+    Adam's first steps are about that (each element by lr in its gradient's sign, whatever the magnitude), so a
+    gradient whose signs are wrong on many small elements lowers the loss less, or raises it. In eval mode: no
+    NEFTune noise, so the losses differ only by the step."""
+    import torch
+
+    reference.model.eval()
+    params = {n: p for n, p in reference.model.named_parameters() if n in grads}
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for name, param in params.items():
+            param.sub_(eta * torch.sign(grads[name]).to(param.dtype))
+        loss = reference.compute_loss(reference.model, inputs).item()
+        for name, param in params.items():
+            param.copy_(saved[name])
+    reference.model.train()
+    return loss
 
 
 def set_dropout(model, p: float) -> None:
@@ -114,17 +180,35 @@ def main() -> None:
     later_loss, later_eager = step_gradients(trainer, later, 0)
     eager_loss, eager = step_gradients(trainer, inputs, 0)
     again_loss, again = step_gradients(trainer, inputs, 0)
-    record("no_dropout_eager_vs_eager", {"losses": [eager_loss, again_loss], **distance(again, eager)})
+    record("no_dropout_eager_vs_eager", {"losses": [eager_loss, again_loss], **distance(again, eager),
+                                         "groups": by_group(again, eager)})
     set_compiled(layers, True, args.backend)
     t = time.monotonic()
     compiled_loss, compiled = step_gradients(trainer, inputs, 0)
     first_s = time.monotonic() - t
     record("no_dropout_compiled_vs_eager", {"losses": [compiled_loss, eager_loss], "first_pass_s": first_s,
-                                            **distance(compiled, eager)})
+                                            **distance(compiled, eager), "groups": by_group(compiled, eager)})
     # A graph compiled on the first batch, run on the second (other lengths, other row boundaries).
     compiled_later_loss, compiled_later = step_gradients(trainer, later, 0)
     record("no_dropout_second_batch_compiled_vs_eager", {"losses": [compiled_later_loss, later_loss],
                                                          **distance(compiled_later, later_eager)})
+
+    reference = fp32_trainer(args, trainer, rows, tokenizer, extra)
+    reference_loss, fp32 = step_gradients(reference, inputs, 0, autocast=False)
+    _, fp32_again = step_gradients(reference, inputs, 0, autocast=False)
+    record("no_dropout_against_fp32", {"losses": {"fp32": reference_loss, "eager": eager_loss,
+                                                  "compiled": compiled_loss},
+                                       **against(fp32, eager=eager, eager_again=again, compiled=compiled,
+                                                 fp32_again=fp32_again)})
+    before = {"same_batch": loss_after_sign_step(reference, fp32, 0.0, inputs),
+              "next_batch": loss_after_sign_step(reference, fp32, 0.0, later)}
+    for eta in (2e-6, 1e-5):
+        record(f"fp32_loss_after_sign_step_{eta:g}", {
+            batch: {"before": before[batch], **{name: loss_after_sign_step(reference, grads, eta, batch_inputs)
+                                                for name, grads in (("fp32", fp32), ("eager", eager),
+                                                                    ("eager_again", again), ("compiled", compiled))}}
+            for batch, batch_inputs in (("same_batch", inputs), ("next_batch", later))})
+    del reference
 
     set_dropout(trainer.model, 0.05)
     for compiled_mode in (True, False):
@@ -135,6 +219,19 @@ def main() -> None:
         trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         name = "compiled" if compiled_mode else "eager"
         record(f"dropout_{name}_checkpointed_vs_not", {"losses": [ckpt_loss, plain_loss], **distance(ckpt, plain)})
+
+    if args.backend == "inductor":
+        import torch._dynamo
+        import torch._inductor.config
+
+        set_dropout(trainer.model, 0.0)
+        torch._inductor.config.emulate_precision_casts = True
+        torch._dynamo.reset()
+        set_compiled(layers, True, args.backend)
+        emulated_loss, emulated = step_gradients(trainer, inputs, 0)
+        record("no_dropout_compiled_emulating_bf16_casts", {
+            "loss": emulated_loss, "vs_eager": {**distance(emulated, eager), "groups": by_group(emulated, eager)},
+            "vs_fp32": {**distance(emulated, fp32), "groups": by_group(emulated, fp32)}})
 
 
 if __name__ == "__main__":

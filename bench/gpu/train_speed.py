@@ -38,6 +38,10 @@ TINY_SHAPE = dict(SHAPE, hidden_size=64, intermediate_size=128, num_hidden_layer
                   num_key_value_heads=4)  # --tiny: a CPU dry run of the whole script
 ROWS = 1024
 COMPILED = ["training.compile=true"]
+NO_DROPOUT = ["lora.dropout=0"]
+# Not a spec field: the bench process sets torch._inductor.config.fallback_random, so the compiled layers draw
+# dropout masks through eager's random ops and leave the generator where eager leaves it.
+EAGER_RNG = "bench.eager_rng=true"
 # name -> (how it runs, spec, overrides). "recipe" is the notebook in plain TRL (no ray_sft code), "plain" is
 # ray_sft's trainer in a plain process (what Ray costs is "ray" over "plain"), "ray" is `ray-sft train`.
 CONFIGS = {
@@ -51,6 +55,10 @@ CONFIGS = {
     "plain-fast-group": ("plain-group", FAST_SPEC, []),
     "plain-fast-compiled": ("plain", FAST_SPEC, COMPILED),
     "ray-fast-compiled": ("ray", FAST_SPEC, COMPILED),
+    # Loss-curve checks: is a compiled run's curve the eager one once both draw the same random numbers?
+    "plain-fast-nodrop": ("plain", FAST_SPEC, NO_DROPOUT),
+    "plain-fast-compiled-nodrop": ("plain", FAST_SPEC, COMPILED + NO_DROPOUT),
+    "plain-fast-compiled-eager-rng": ("plain", FAST_SPEC, COMPILED + [EAGER_RNG]),
 }
 
 
@@ -182,6 +190,11 @@ def run_variant(work: Path, steps: int, result: Path, device: str, spec_path: Pa
 
     if group:
         join_one_rank_group(device)
+    if EAGER_RNG in extra:
+        import torch._inductor.config
+
+        torch._inductor.config.fallback_random = True
+        extra = [e for e in extra if e != EAGER_RNG]
 
     job = spec.load(spec_path, overrides(work, steps, "variant", device) + extra)
     tokenizer = modeling.load_tokenizer(str(work / "model"), job.model)
