@@ -1,19 +1,21 @@
-"""Does `training.compile` compute the step the eager layers compute, on CUDA? One batch, gradients compared.
+"""Does `training.compile` compute the step the eager layers compute, on CUDA? Losses and gradients compared.
 
-The fast spec's first step (64 packed rows, 4-bit base, LoRA, gradient checkpointing, varlen attention) on the
+The fast spec's first four steps' batches (64 packed rows, 4-bit base, LoRA, gradient checkpointing, varlen attention) on the
 bench's synthetic model, forward and backward through ray_sft's trainer, once per case:
 
     python3 bench/gpu/compile_check.py --out $OUT [--autocast]                 # on the H200, about 2 minutes
     python3 bench/gpu/compile_check.py --out /tmp/o --tiny --device cpu --backend aot_eager   # CPU dry run
 
-(1) LoRA dropout off: the compiled layers against the eager ones; eager run twice gives the noise floor (bf16
-    and non-deterministic backward kernels).
+(1) LoRA dropout off: the compiled layers against the eager ones, at the same weights, on each of the four
+    batches; eager run twice gives the noise floor (bf16 and non-deterministic backward kernels).
 (2) LoRA dropout 0.05, as the spec has it: with and without gradient checkpointing, each compiled and eager.
     Masks differ between eager and compiled (different generators), but within one mode the recompute in
     backward must draw the forward's masks: checkpointed gradients equal the un-checkpointed ones.
 (3) Which bf16 step is nearer the truth: both against an fp32 reference (the same 4-bit codes dequantized to fp32,
     the same LoRA and embedding values, no autocast), overall and per parameter group; and the compiled layers
     with inductor's emulate_precision_casts (intermediates rounded to bf16 where eager rounds them).
+(4) Whether each model sees a first, Adam-sized update: one sign step of lr size on the fp32 model, the eager bf16
+    layers and the compiled ones, and each one's loss change on every batch.
 Writes compile_check.json to --out after every case (a deadline cut keeps what was measured).
 """
 
@@ -71,7 +73,9 @@ def by_group(a: dict, b: dict) -> dict:
         names = [n for n in b if group in n]
         if names:
             diff = torch.sqrt(sum(torch.linalg.vector_norm(a[n] - b[n]) ** 2 for n in names))
-            found[group] = (diff / torch.sqrt(sum(torch.linalg.vector_norm(b[n]) ** 2 for n in names))).item()
+            scale = torch.sqrt(sum(torch.linalg.vector_norm(b[n]) ** 2 for n in names))
+            # None where the reference is all zero (lora_A while every lora_B is still 0): nothing to be relative to
+            found[group] = (diff / scale).item() if scale > 0 else None
     return found
 
 
@@ -101,8 +105,8 @@ def fp32_trainer(args, trainer, rows, tokenizer, extra):
     return reference
 
 
-def loss_after_sign_step(reference, grads: dict, eta: float, inputs) -> float:
-    """The fp32 loss on `inputs` after every parameter moves by -eta * sign(its gradient), then put back.
+def loss_after_sign_step(reference, grads: dict, eta: float, inputs, autocast: bool = False) -> float:
+    """The loss on `inputs` after every parameter moves by -eta * sign(its gradient), then put back.
 
     Adam's first steps are about that (each element by lr in its gradient's sign, whatever the magnitude), so a
     gradient whose signs are wrong on many small elements lowers the loss less, or raises it. In eval mode: no
@@ -115,11 +119,21 @@ def loss_after_sign_step(reference, grads: dict, eta: float, inputs) -> float:
     with torch.no_grad():
         for name, param in params.items():
             param.sub_(eta * torch.sign(grads[name]).to(param.dtype))
-        loss = reference.compute_loss(reference.model, inputs).item()
+        with torch.autocast(reference.model.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = reference.compute_loss(reference.model, inputs).item()
         for name, param in params.items():
             param.copy_(saved[name])
     reference.model.train()
     return loss
+
+
+def shape(batch) -> dict:
+    """Tokens, rows and longest row of a padding-free batch (rows start where the position ids restart at 0)."""
+    positions = batch.get("position_ids")
+    rows = (positions[0] == 0).nonzero().flatten().tolist() + [positions.size(-1)] if positions is not None else []
+    return {"tokens": int(batch["input_ids"].numel()), "rows": max(len(rows) - 1, 0),
+            "longest": max((b - a for a, b in zip(rows, rows[1:])), default=None),
+            "max_length_q": int(batch["max_length_q"]) if "max_length_q" in batch else None}
 
 
 def set_dropout(model, p: float) -> None:
@@ -164,11 +178,16 @@ def main() -> None:
     trainer = train.build_trainer(job, str(args.work / "model"), tokenizer, rows, [], args.device,
                                   str(args.work / "runs" / "compile-check"))
     trainer.model.train()
-    batches = iter(trainer.get_train_dataloader())
-    inputs, later = (trainer._prepare_inputs(next(batches)) for _ in range(2))
+    # The first four steps' batches: in the training runs (bench/RESULTS.md, "Compiled layers") the compiled loss
+    # left the eager one from step 3 on, most on the steps of short rows (3 and 4, 7 and 8, ...).
+    loader = iter(trainer.get_train_dataloader())
+    batches = [trainer._prepare_inputs(next(loader)) for _ in range(4)]
+    inputs, later = batches[0], batches[1]
     layers = [m for m in trainer.model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    report: dict = {"tokens": int(inputs["input_ids"].numel()), "backend": args.backend,
-                    "autocast": args.autocast, "cases": {}}
+    report: dict = {"batches": [shape(b) for b in batches], "backend": args.backend, "autocast": args.autocast,
+                    "trainable_dtypes": sorted({f"{g}:{p.dtype}" for n, p in trainer.model.named_parameters()
+                                                for g in GROUPS if g in n and p.requires_grad}),
+                    "cases": {}}
 
     def record(name: str, value) -> None:
         report["cases"][name] = value
@@ -177,21 +196,24 @@ def main() -> None:
         print(f"[{report['wall_s']:6.1f}s] {name}: {value}", flush=True)
 
     set_dropout(trainer.model, 0.0)
-    later_loss, later_eager = step_gradients(trainer, later, 0)
-    eager_loss, eager = step_gradients(trainer, inputs, 0)
+    eager_runs = [step_gradients(trainer, batch, 0) for batch in batches]
+    eager_loss, eager = eager_runs[0]
     again_loss, again = step_gradients(trainer, inputs, 0)
     record("no_dropout_eager_vs_eager", {"losses": [eager_loss, again_loss], **distance(again, eager),
                                          "groups": by_group(again, eager)})
     set_compiled(layers, True, args.backend)
     t = time.monotonic()
     compiled_loss, compiled = step_gradients(trainer, inputs, 0)
-    first_s = time.monotonic() - t
-    record("no_dropout_compiled_vs_eager", {"losses": [compiled_loss, eager_loss], "first_pass_s": first_s,
+    record("no_dropout_compiled_vs_eager", {"losses": [compiled_loss, eager_loss],
+                                            "first_pass_s": time.monotonic() - t,
                                             **distance(compiled, eager), "groups": by_group(compiled, eager)})
-    # A graph compiled on the first batch, run on the second (other lengths, other row boundaries).
-    compiled_later_loss, compiled_later = step_gradients(trainer, later, 0)
-    record("no_dropout_second_batch_compiled_vs_eager", {"losses": [compiled_later_loss, later_loss],
-                                                         **distance(compiled_later, later_eager)})
+    # The graph compiled on the first batch, run on the others (other lengths, more and shorter rows).
+    for index in range(1, len(batches)):
+        batch_loss, grads = step_gradients(trainer, batches[index], 0)
+        record(f"no_dropout_batch{index + 1}_compiled_vs_eager", {
+            "losses": [batch_loss, eager_runs[index][0]], **distance(grads, eager_runs[index][1]),
+            "groups": by_group(grads, eager_runs[index][1])})
+    del eager_runs, grads
 
     reference = fp32_trainer(args, trainer, rows, tokenizer, extra)
     reference_loss, fp32 = step_gradients(reference, inputs, 0, autocast=False)
@@ -208,6 +230,21 @@ def main() -> None:
                                                 for name, grads in (("fp32", fp32), ("eager", eager),
                                                                     ("eager_again", again), ("compiled", compiled))}}
             for batch, batch_inputs in (("same_batch", inputs), ("next_batch", later))})
+    # Does each model see a first Adam-sized update at all? The same step (fp32 gradient's signs, lr-sized) on the
+    # fp32 model, the eager bf16 layers and the compiled ones, each one's loss change on every batch. bf16 keeps
+    # about 3 significant digits, so an update 1e-4 the size of a weight can vanish where a sum is rounded.
+    models = {"fp32": (reference, False, None), "eager": (trainer, AUTOCAST, False),
+              "compiled": (trainer, AUTOCAST, True)}
+    for eta in (2e-6, 2e-5):
+        changes = {}
+        for name, (model, autocast, compiled_mode) in models.items():
+            if compiled_mode is not None:
+                set_compiled(layers, compiled_mode, args.backend)
+            changes[name] = [[loss_after_sign_step(model, fp32, step, batch, autocast) for step in (0.0, eta)]
+                             for batch in batches]
+        record(f"update_visibility_{eta:g}", {
+            name: {"before_after": pairs, "change": [after - before for before, after in pairs]}
+            for name, pairs in changes.items()})
     del reference
 
     set_dropout(trainer.model, 0.05)

@@ -5,6 +5,10 @@ ratios taken within this one call:
 
     python bench/gpu/train_speed.py --out $OUT --configs plain-fast,ray-fast,plain-fast-compiled --repeats 3
 
+On a machine with several GPUs, `--gpus N` runs each repeat's configurations at once, one per GPU, and moves each
+configuration to the next GPU in the next repeat, so the recipe's slow configurations (about 10.6 s per step) fit
+one call: `--configs recipe,plain-recipe,ray-recipe --gpus 3 --repeats 3`.
+
 The model is random-init (no weights can be downloaded there): throughput does not depend on the values. The data
 are synthetic instruction rows whose token counts follow dolly-ja's shape (lognormal, median about 150, long tail
 cut at 1024). A word-level tokenizer makes every synthetic word exactly one token, so lengths are exact.
@@ -170,7 +174,7 @@ def run_recipe(work: Path, steps: int, result: Path, device: str) -> None:
         model=model, processing_class=tokenizer, train_dataset=datasets.Dataset.from_dict({"text": texts}),
         peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
                                target_modules=targets, modules_to_save=["embed_tokens"]),
-        args=SFTConfig(output_dir=str(work / "runs" / "recipe-plain"), num_train_epochs=3, max_steps=steps,
+        args=SFTConfig(output_dir=str(work / "runs" / result.stem), num_train_epochs=3, max_steps=steps,
                        per_device_train_batch_size=4, gradient_accumulation_steps=16, learning_rate=2e-4,
                        lr_scheduler_type="cosine", weight_decay=0.01, warmup_steps=100, optim="adamw_torch_fused",
                        bf16=device == "cuda", train_sampling_strategy="group_by_length", logging_steps=1,
@@ -196,12 +200,12 @@ def run_variant(work: Path, steps: int, result: Path, device: str, spec_path: Pa
         torch._inductor.config.fallback_random = True
         extra = [e for e in extra if e != EAGER_RNG]
 
-    job = spec.load(spec_path, overrides(work, steps, "variant", device) + extra)
+    job = spec.load(spec_path, overrides(work, steps, result.stem, device) + extra)
     tokenizer = modeling.load_tokenizer(str(work / "model"), job.model)
     examples = data.load_examples(job, tokenizer)
     records: list = []
     trainer = train.build_trainer(job, str(work / "model"), tokenizer, examples.train, [], device,
-                                  str(work / "runs" / "variant"), callbacks=[step_recorder(records)])
+                                  str(work / "runs" / result.stem), callbacks=[step_recorder(records)])
     trainer.args.save_strategy = "no"
     trainer.train()
     write_result(result, records, peak_gib(device))
@@ -234,11 +238,11 @@ def write_result(result: Path, records: list, peak: float | None) -> None:
 
 
 def ray_run(work: Path, spec_path: Path, name: str, steps: int, device: str, deadline: float, extra=(),
-            probe=None) -> dict:
+            probe=None, env=None) -> dict:
     """`ray-sft train` as a user runs it; step times are the worker's report timestamps (metrics.jsonl)."""
     command = [sys.executable, "-m", "ray_sft.cli", "train", str(spec_path),
                *overrides(work, steps, name, device), *extra]
-    rc = run_logged(command, work / f"{name}.log", deadline, probe)
+    rc = run_logged(command, work / f"{name}.log", deadline, probe, env)
     # Read even after a failure: the steps' records are written as they happen.
     path = work / "runs" / name / "metrics.jsonl"
     metrics = [json.loads(line) for line in open(path)] if path.is_file() else []
@@ -248,13 +252,13 @@ def ray_run(work: Path, spec_path: Path, name: str, steps: int, device: str, dea
     return {"steps": steps_, "peak_gib": peak, "rc": rc}
 
 
-def run_logged(command: list[str], log: Path, deadline: float, probe=None) -> int:
+def run_logged(command: list[str], log: Path, deadline: float, probe=None, env=None) -> int:
     budget = deadline - time.monotonic()
     if budget < 30:
         log.write_text("skipped: no time left before the deadline\n")
         return -1
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         if probe:
             probe.start(proc.pid)
         try:
@@ -345,13 +349,13 @@ class Probe:
 
 
 def plain_run(work: Path, kind: str, steps: int, device: str, deadline: float, name: str, spec_path=None,
-              extra=(), probe=None) -> dict:
+              extra=(), probe=None, env=None) -> dict:
     result = work / f"{name}.json"
     command = [sys.executable, __file__, "--work", str(work), "--device", device, "--one", kind,
                "--steps", str(steps), "--result", str(result), *[f"--extra={e}" for e in extra]]
     if spec_path:
         command.append(f"--spec={spec_path}")
-    rc = run_logged(command, work / f"{name}.log", deadline, probe)
+    rc = run_logged(command, work / f"{name}.log", deadline, probe, env)
     outcome = json.loads(result.read_text()) if rc == 0 else {"steps": [], "peak_gib": None}
     return {**outcome, "rc": rc}
 
@@ -361,7 +365,7 @@ class GpuUtil:
 
 
 class GpuBusy:
-    """nvidia-smi's utilization.gpu every 100 ms, each sample stamped with the wall clock on arrival."""
+    """nvidia-smi's utilization.gpu of every GPU every 100 ms, each sample stamped with the wall clock on arrival."""
 
     def __init__(self):
         self.samples: list[tuple[float, float]] = []
@@ -371,7 +375,7 @@ class GpuBusy:
         import threading
 
         if shutil.which("nvidia-smi"):
-            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits",
                                           "-lms", "100"], stdout=subprocess.PIPE, text=True)
             threading.Thread(target=self._read, daemon=True).start()
         return self
@@ -379,15 +383,16 @@ class GpuBusy:
     def _read(self):
         for line in self.proc.stdout:
             with contextlib.suppress(ValueError):
-                self.samples.append((time.time(), float(line.split(",")[0])))
-                GpuUtil.last = self.samples[-1][1]
+                gpu, utilization = (float(x) for x in line.split(","))
+                self.samples.append((time.time(), int(gpu), utilization))
+                GpuUtil.last = utilization
 
     def __exit__(self, *exc):
         if self.proc:
             self.proc.terminate()
 
-    def between(self, start: float, end: float) -> float | None:
-        inside = [u for t, u in self.samples if start <= t <= end]
+    def between(self, start: float, end: float, gpu: int = 0) -> float | None:
+        inside = [u for t, g, u in self.samples if start <= t <= end and g == gpu]
         return sum(inside) / len(inside) / 100 if inside else None
 
 
@@ -395,7 +400,7 @@ class GpuBusy:
 # Summary
 
 
-def summarise(outcome: dict, first: int, last: int, busy: GpuBusy) -> dict:
+def summarise(outcome: dict, first: int, last: int, busy: GpuBusy, gpu: int = 0) -> dict:
     by_step = {s["step"]: s for s in outcome["steps"]}
     if first not in by_step or last not in by_step:
         return {"tokens_per_s": None, "rc": outcome["rc"]}
@@ -403,7 +408,7 @@ def summarise(outcome: dict, first: int, last: int, busy: GpuBusy) -> dict:
     seconds = b["time"] - a["time"]
     return {"tokens_per_s": (b["num_tokens"] - a["num_tokens"]) / seconds, "s_per_step": seconds / (last - first),
             "tokens_per_step": (b["num_tokens"] - a["num_tokens"]) / (last - first),
-            "warmup_s": a["time"] - outcome["started"], "gpu_busy": busy.between(a["time"], b["time"]),
+            "warmup_s": a["time"] - outcome["started"], "gpu_busy": busy.between(a["time"], b["time"], gpu), "gpu": gpu,
             "peak_gib": outcome.get("peak_gib"), "losses": [s["loss"] for s in outcome["steps"]],
             "rc": outcome["rc"]}
 
@@ -442,18 +447,38 @@ def environment() -> dict:
     return info
 
 
-def run_config(args, name: str, label: str, deadline: float, probe=None, timed=None) -> dict:
+def run_config(args, name: str, label: str, deadline: float, probe=None, timed=None, gpu=None) -> dict:
     kind, spec_path, extra = CONFIGS[name]
     cpu = ["model.attn_implementation=sdpa"] if args.device == "cpu" else []  # varlen is CUDA-only
     warmup = args.recipe_warmup if spec_path in (None, RECIPE_SPEC) else args.warmup
     steps = warmup + (timed or args.timed) + (1 if kind == "ray" else 0)  # a Ray run's last step saves: untimed
+    env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
     started = time.time()
     if kind == "ray":
-        outcome = ray_run(args.work, spec_path, label, steps, args.device, deadline, [*extra, *cpu], probe)
+        outcome = ray_run(args.work, spec_path, label, steps, args.device, deadline, [*extra, *cpu], probe, env)
     else:
         one = {"recipe": "recipe", "plain": "variant", "plain-group": "variant-group"}[kind]
-        outcome = plain_run(args.work, one, steps, args.device, deadline, label, spec_path, [*extra, *cpu], probe)
+        outcome = plain_run(args.work, one, steps, args.device, deadline, label, spec_path, [*extra, *cpu], probe,
+                            env)
     return {**outcome, "started": started, "warmup": warmup}
+
+
+def rounds(args, names: list[str], index: int, deadline: float, busy: GpuBusy):
+    """Repeat `index` of every configuration: one after another on one GPU, or with --gpus N all at once, one per
+    GPU, each configuration on the next GPU in the next repeat (over N repeats each runs on every GPU once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(position: int, name: str) -> tuple[str, dict]:
+        gpu = (position + index) % args.gpus if args.gpus > 1 else None
+        outcome = run_config(args, name, f"{name}-{index}", deadline, gpu=gpu)
+        return name, summarise(outcome, outcome["warmup"], outcome["warmup"] + args.timed, busy, gpu or 0)
+
+    if args.gpus == 1:
+        for position, name in enumerate(names):
+            yield one(position, name)
+        return
+    with ThreadPoolExecutor(len(names)) as pool:
+        yield from pool.map(one, range(len(names)), names)
 
 
 def profile(args, names: list[str], deadline: float) -> dict:
@@ -480,6 +505,8 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="configs to run once, untimed, under py-spy first")
     parser.add_argument("--profile-seconds", type=float, default=8)
     parser.add_argument("--profile-steps", type=int, default=25)
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="run each repeat's configurations at once, one per GPU (at most this many configs)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU: dry-run the script")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -504,6 +531,8 @@ def main() -> None:
     unknown = [n for n in names + profiled if n not in CONFIGS]
     if unknown:
         parser.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
+    if args.gpus > 1 and (len(names) > args.gpus or args.profile):
+        parser.error(f"--gpus {args.gpus} runs at most {args.gpus} configs at once, without --profile")
     runs: dict[str, list] = {n: [] for n in names}
     with GpuBusy() as busy:
         profiles = profile(args, profiled, deadline)
@@ -513,12 +542,11 @@ def main() -> None:
             print(f"profile runs failed: {failed}; timed runs now: {names} (logs in {args.out})", flush=True)
             runs = {n: [] for n in names}
         for index in range(args.repeats):  # interleaved: a b c a b c ...
-            for name in names:
-                outcome = run_config(args, name, f"{name}-{index}", deadline)
-                runs[name].append(summarise(outcome, outcome["warmup"], outcome["warmup"] + args.timed, busy))
-                r = runs[name][-1]
+            for name, r in rounds(args, names, index, deadline, busy):
+                runs[name].append(r)
                 print(f"{name} #{index}: " + (f"{r['tokens_per_s']:,.0f} tokens/s, {r['s_per_step']:.3f} s/step, "
-                                              f"GPU busy {r['gpu_busy'] or 0:.0%}, warm-up {r['warmup_s']:.0f}s"
+                                              f"GPU {r['gpu']} busy {r['gpu_busy'] or 0:.0%}, "
+                                              f"warm-up {r['warmup_s']:.0f}s"
                                               if r["tokens_per_s"] else f"failed (rc {r['rc']})"), flush=True)
     summary = {name: {key: spread([r.get(key) for r in rs]) for key in ("tokens_per_s", "s_per_step", "gpu_busy")}
                | {"peak_gib": max((r.get("peak_gib") or 0 for r in rs), default=None)}
@@ -526,7 +554,7 @@ def main() -> None:
     reference = "recipe" if "recipe" in names else names[0]
     report = {"environment": environment(), "data": json.loads((args.work / "data_stats.json").read_text()),
               "warmup_steps": args.warmup, "timed_steps": args.timed, "repeats": args.repeats,
-              "order": "interleaved", "summary": summary, "runs": runs, "profiles": profiles,
+              "order": "interleaved" if args.gpus == 1 else f"rounds over {args.gpus} GPUs, rotating", "summary": summary, "runs": runs, "profiles": profiles,
               "wall_s": time.monotonic() - started}
     (args.out / "train_speed.json").write_text(json.dumps(report, indent=1))
     # One file for every run's log tail: what comes back from the GPU machine is limited to a few files.
