@@ -63,6 +63,10 @@ CONFIGS = {
     "plain-fast-nodrop": ("plain", FAST_SPEC, NO_DROPOUT),
     "plain-fast-compiled-nodrop": ("plain", FAST_SPEC, COMPILED + NO_DROPOUT),
     "plain-fast-compiled-eager-rng": ("plain", FAST_SPEC, COMPILED + [EAGER_RNG]),
+    # The peer: unsloth on the same job (bench/gpu/unsloth_job.py, its own bundle: build_unsloth_bundle.sh),
+    # padding-free as it runs on an H200 by default, and padded in 4 micro-batches of 16 rows.
+    "unsloth": ("unsloth", None, []),
+    "unsloth-padded": ("unsloth", None, ["--padded", "--micro-batch", "16"]),
 }
 
 
@@ -360,6 +364,19 @@ def plain_run(work: Path, kind: str, steps: int, device: str, deadline: float, n
     return {**outcome, "rc": rc}
 
 
+def unsloth_run(args, steps: int, deadline: float, name: str, extra=(), env=None) -> dict:
+    """unsloth_job.py in its own process, the unsloth bundle first on its path; its result file is read even after
+    a failure (it then says why and which hosts unsloth tried to reach)."""
+    result = args.work / f"{name}.json"
+    command = [sys.executable, str(Path(__file__).with_name("unsloth_job.py")), "--work", str(args.work),
+               "--steps", str(steps), "--result", str(result), "--device", args.device, *extra]
+    env = dict(env or os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(args.unsloth_site), env.get("PYTHONPATH")) if p)
+    rc = run_logged(command, args.work / f"{name}.log", deadline, env=env)
+    outcome = json.loads(result.read_text()) if result.is_file() else {"steps": [], "peak_gib": None}
+    return {**outcome, "rc": rc}
+
+
 class GpuUtil:
     last: float | None = None  # the latest sample, for Probe
 
@@ -403,7 +420,8 @@ class GpuBusy:
 def summarise(outcome: dict, first: int, last: int, busy: GpuBusy, gpu: int = 0) -> dict:
     by_step = {s["step"]: s for s in outcome["steps"]}
     if first not in by_step or last not in by_step:
-        return {"tokens_per_s": None, "rc": outcome["rc"]}
+        return {"tokens_per_s": None, "rc": outcome["rc"],
+                **{k: outcome[k] for k in ("error", "fetch_attempts") if k in outcome}}
     a, b = by_step[first], by_step[last]
     seconds = b["time"] - a["time"]
     return {"tokens_per_s": (b["num_tokens"] - a["num_tokens"]) / seconds, "s_per_step": seconds / (last - first),
@@ -450,11 +468,13 @@ def environment() -> dict:
 def run_config(args, name: str, label: str, deadline: float, probe=None, timed=None, gpu=None) -> dict:
     kind, spec_path, extra = CONFIGS[name]
     cpu = ["model.attn_implementation=sdpa"] if args.device == "cpu" else []  # varlen is CUDA-only
-    warmup = args.recipe_warmup if spec_path in (None, RECIPE_SPEC) else args.warmup
+    warmup = args.recipe_warmup if kind == "recipe" or spec_path == RECIPE_SPEC else args.warmup
     steps = warmup + (timed or args.timed) + (1 if kind == "ray" else 0)  # a Ray run's last step saves: untimed
     env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
     started = time.time()
-    if kind == "ray":
+    if kind == "unsloth":
+        outcome = unsloth_run(args, steps, deadline, label, extra, env)
+    elif kind == "ray":
         outcome = ray_run(args.work, spec_path, label, steps, args.device, deadline, [*extra, *cpu], probe, env)
     else:
         one = {"recipe": "recipe", "plain": "variant", "plain-group": "variant-group"}[kind]
@@ -507,6 +527,8 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=25)
     parser.add_argument("--gpus", type=int, default=1,
                         help="run each repeat's configurations at once, one per GPU (at most this many configs)")
+    parser.add_argument("--unsloth-site", type=Path, default=Path("/tmp/unsloth_site"),
+                        help="where the unsloth bundle is unpacked (put first on the unsloth runs' path)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU: dry-run the script")
     parser.add_argument("--one", help=argparse.SUPPRESS)
