@@ -107,13 +107,30 @@ def trained_run(ray_cluster, tmp_path_factory):
     return PipelineRun(code, out, port, run_dir, run_dir / "adapter", metrics[-1], checkpoint)
 
 
+@dataclass
+class SearchRun:
+    code: int
+    out: str
+    spec_file: str  # the spec the README's Quickstart line runs, as scripts/quickstart.sh names it
+    run_dir: Path
+
+
 @pytest.fixture(scope="session")
 def searched_run(ray_cluster, tmp_path_factory):
-    """One real `ray-sft run` of the tiny search, no serving: 4 trials 2 at a time under ASHA, one of them with an
-    absurd learning rate that ASHA must stop at its first eval."""
-    runs = tmp_path_factory.mktemp("search")
-    code, out = run_cli("run", str(QUICKSTART_TUNE), f"output.dir={runs}", "--no-serve", *FAST,
-                        "training.max_steps=6", "output.name=search", "tune.num_samples=1",
-                        "tune.search_space={training.learning_rate: "
-                        f"{{grid: [1.0e-3, 2.0e-3, 3.0e-3, {ABSURD_LR}]}}}}")
-    return code, out, runs / "search"
+    """The README's Quickstart line, once for every test that reads a search: `ray-sft run` of the search spec that
+    scripts/quickstart.sh runs (search, serve the winner, one sample over HTTP), sized down to 4 trials of 6 steps,
+    2 at a time under ASHA. The spec's learning-rate distribution becomes a grid holding one absurd rate that ASHA
+    must stop at its first eval; its other searched fields are drawn as the spec says."""
+    import re
+
+    from ray import serve
+
+    from ray_sft import spec
+
+    (spec_file,) = re.findall(r"ray-sft run (jobs/\S+\.yaml)", (REPO / "scripts" / "quickstart.sh").read_text())
+    runs, port = tmp_path_factory.mktemp("search"), free_port()
+    code, out = run_cli("run", str(REPO / spec_file), f"output.dir={runs}", f"serve.port={port}", *FAST,
+                        "training.max_steps=6", "tune.num_samples=1",
+                        f"tune.search_space.training.learning_rate={{grid: [1.0e-3, 2.0e-3, 3.0e-3, {ABSURD_LR}]}}")
+    serve.shutdown()  # the run removed its app; its HTTP proxy would hold the port of later servers
+    return SearchRun(code, out, spec_file, runs / spec.load(REPO / spec_file).output.name)

@@ -1,7 +1,7 @@
 """`ray-sft run` end to end on the tiny model: train (or tune) -> serve -> a sample completion over HTTP -> end.
 
-The two runs are the session's shared ones (tests/conftest.py: `trained_run`, `searched_run`), which other modules'
-tests read too.
+The two runs are the session's shared ones (tests/conftest.py: `trained_run`, and `searched_run`, the README's
+Quickstart line), which other modules' tests read too.
 """
 
 from __future__ import annotations
@@ -26,15 +26,6 @@ def test_run_trains_serves_prints_a_sample_and_ends(trained_run):
     assert "ray_sft" not in serve.status().applications  # the run removed its app when it ended
 
 
-@pytest.mark.slow
-def test_run_tunes_when_the_spec_searches_and_no_serve_stops_after(searched_run):
-    code, out, run = searched_run
-    assert code == 0, out
-    best = run / "best" / "adapter"
-    assert "best: trial" in out and f"adapter: {best}" in out
-    assert (best / "adapter_model.safetensors").is_file() and "serving" not in out
-
-
 def test_run_checks_before_starting_anything(tmp_path):
     job = spec.load(QUICKSTART, [f"output.dir={tmp_path}", "generation.sample_prompts=[]"])
     with pytest.raises(spec.SpecError, match="generation.sample_prompts"):
@@ -43,20 +34,27 @@ def test_run_checks_before_starting_anything(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_readme_quickstart_searches_serves_the_winner_and_prints_a_sample(ray_cluster, tmp_path):
+def test_the_readme_quickstart_searches_serves_the_winner_and_prints_a_sample(searched_run):
+    """The session's run of the README's Quickstart line (tests/conftest.py: `searched_run`)."""
     import re
 
     from ray import serve
 
-    from tests.conftest import REPO, free_port, run_cli
+    from tests.conftest import REPO
 
-    (spec_file,) = re.findall(r"ray-sft run (jobs/\S+\.yaml)", (REPO / "scripts" / "quickstart.sh").read_text())
-    assert f"ray-sft run {spec_file}" in (REPO / "README.md").read_text()
-    code, out = run_cli("run", str(REPO / spec_file), f"output.dir={tmp_path}", f"serve.port={free_port()}")
-    serve.shutdown()  # the run removed its app; its HTTP proxy would hold the port of later servers
-    assert code == 0, out
-    run_dir = tmp_path / spec.load(REPO / spec_file).output.name
-    assert len((run_dir / "trials.csv").read_text().splitlines()) == 1 + 4
-    assert (run_dir / "best" / "adapter" / "adapter_model.safetensors").is_file()
+    assert f"ray-sft run {searched_run.spec_file}" in (REPO / "README.md").read_text()
+    assert searched_run.code == 0, searched_run.out
+    out, run = searched_run.out, searched_run.run_dir
+    best = run / "best" / "adapter"
+    assert len((run / "trials.csv").read_text().splitlines()) == 1 + 4
+    assert "best: trial" in out and f"adapter: {best}" in out
+    assert (best / "adapter_model.safetensors").is_file()
     assert "stopped_early" in out and "[ray-sft tune] table: " in out
-    assert re.search(r"sample completion: .+", out)
+    # The winner is what was served: the sample that came back over HTTP is its local inference; then the app was
+    # removed.
+    assert re.search(r"serving quickstart-tune on http://127\.0\.0\.1:\d+/v1\n", out)
+    sample = out.split("sample completion: ", 1)[1].split("\nstopped serving", 1)[0]
+    loaded = generate.load(best)
+    assert sample.strip() and sample == generate.generate(loaded, loaded.spec.generation.sample_prompts[0],
+                                                          loaded.spec.generation).text
+    assert "ray_sft" not in serve.status().applications

@@ -87,7 +87,7 @@ def test_the_quickstart_run_leaves_tensorboard_events_with_every_logged_metric(t
 
 @pytest.mark.slow
 def test_every_trial_of_the_search_has_its_own_tensorboard_events(searched_run):
-    code, out, run = searched_run
+    code, out, run = searched_run.code, searched_run.out, searched_run.run_dir
     assert code == 0, out
     for trial in (run / "trials").iterdir():
         evals = [(r["step"], r["eval_loss"]) for r in run_files.read_metrics(trial) if "eval_loss" in r]
@@ -205,8 +205,10 @@ def test_a_search_is_one_parent_run_with_a_child_per_trial_on_a_real_mlflow_serv
     from mlflow import MlflowClient
 
     # One trial at a time, the absurd one second: ASHA stops it at its first eval, with steps still to go (with only
-    # 2 steps, a fast trial could finish before the stop reached it).
-    code, out = run_cli("tune", str(QUICKSTART_TUNE), f"output.dir={tmp_path}", *FAST, "output.name=tracked",
+    # 2 steps, a fast trial could finish before the stop reached it). Through `run --no-serve`: the pipeline's search
+    # path that ends after exporting the winner (the shared search, the README's Quickstart line, serves it).
+    code, out = run_cli("run", "--no-serve", str(QUICKSTART_TUNE), f"output.dir={tmp_path}", *FAST,
+                        "output.name=tracked",
                         "training.max_steps=4", "training.eval_steps=1", "training.save_steps=1",
                         "training.warmup_steps=0", "tune.num_samples=1", "tune.max_concurrent_trials=1",
                         f"tune.search_space={{training.learning_rate: {{grid: [2.0e-3, {ABSURD_LR}]}}}}",
@@ -215,6 +217,7 @@ def test_a_search_is_one_parent_run_with_a_child_per_trial_on_a_real_mlflow_serv
     assert code == 0, out
     assert "warning" not in out
     run = tmp_path / "tracked"
+    assert f"adapter: {run / 'best' / 'adapter'}" in out and "serving" not in out
     table = pd.read_csv(run / "trials.csv").set_index("trial_id")
     best = json.loads((run / "best.json").read_text())
 

@@ -140,7 +140,7 @@ def test_search_end_to_end_stops_the_absurd_trial_and_exports_the_best(searched_
 
     from ray_sft import modeling
 
-    code, out, run = searched_run
+    code, out, run = searched_run.code, searched_run.out, searched_run.run_dir
     assert code == 0, out
     job = spec.load(run / "spec.yaml")
     table = pd.read_csv(run / "trials.csv")
