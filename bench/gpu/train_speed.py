@@ -147,6 +147,15 @@ def step_recorder(records: list):
     return Record()
 
 
+def recipe_texts(work: Path, tokenizer) -> list[str]:
+    """The bench's rows in the recipe's template plus EOS, as the notebook builds its training texts."""
+    from ray_sft.templates import TRAIN_TEMPLATES
+
+    template = TRAIN_TEMPLATES["recipe"]
+    return [template.format(instruction=r["instruction"], response=r["response"], context="") + tokenizer.eos_token
+            for r in map(json.loads, open(work / "data.jsonl"))][:ROWS]
+
+
 def run_recipe(work: Path, steps: int, result: Path, device: str) -> None:
     """(a) The notebook's training, in plain TRL, one process, no ray_sft code."""
     import torch
@@ -154,8 +163,6 @@ def run_recipe(work: Path, steps: int, result: Path, device: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
     import datasets
-
-    from ray_sft.templates import TRAIN_TEMPLATES
 
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
     tokenizer.padding_side = "right"
@@ -168,10 +175,7 @@ def run_recipe(work: Path, steps: int, result: Path, device: str) -> None:
         from ray_sft.modeling import disable_cpu_repack
 
         disable_cpu_repack(model)  # the CPU dry run only: see modeling.disable_cpu_repack
-    rows = [json.loads(line) for line in open(work / "data.jsonl")][:1024]
-    template = TRAIN_TEMPLATES["recipe"]
-    texts = [template.format(instruction=r["instruction"], response=r["response"], context="") + tokenizer.eos_token
-             for r in rows]
+    texts = recipe_texts(work, tokenizer)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     records: list = []
     trainer = SFTTrainer(
@@ -385,7 +389,7 @@ class GpuBusy:
     """nvidia-smi's utilization.gpu of every GPU every 100 ms, each sample stamped with the wall clock on arrival."""
 
     def __init__(self):
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[float, int, float]] = []  # (wall clock, GPU index, utilization %)
         self.proc = None
 
     def __enter__(self):
@@ -493,11 +497,7 @@ def rounds(args, names: list[str], index: int, deadline: float, busy: GpuBusy):
         outcome = run_config(args, name, f"{name}-{index}", deadline, gpu=gpu)
         return name, summarise(outcome, outcome["warmup"], outcome["warmup"] + args.timed, busy, gpu or 0)
 
-    if args.gpus == 1:
-        for position, name in enumerate(names):
-            yield one(position, name)
-        return
-    with ThreadPoolExecutor(len(names)) as pool:
+    with ThreadPoolExecutor(len(names) if args.gpus > 1 else 1) as pool:  # one worker: one after another
         yield from pool.map(one, range(len(names)), names)
 
 

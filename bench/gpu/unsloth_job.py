@@ -185,8 +185,7 @@ def _train(work: Path, steps: int, result: Path, device: str, padding_free: bool
     import trl
     from trl import SFTConfig, SFTTrainer  # unsloth's rewritten UnslothSFTTrainer / UnslothSFTConfig once patched
 
-    from ray_sft.templates import TRAIN_TEMPLATES
-    from train_speed import step_recorder
+    from train_speed import recipe_texts, step_recorder
 
     environment.update({
         "unsloth": unsloth.__version__, "unsloth_zoo": _version("unsloth_zoo"), "torch": torch.__version__,
@@ -238,10 +237,7 @@ def _train(work: Path, steps: int, result: Path, device: str, padding_free: bool
     )
     counter = TokenCount()
 
-    rows = [json.loads(line) for line in open(work / "data.jsonl")][:1024]
-    template = TRAIN_TEMPLATES["recipe"]
-    texts = [template.format(instruction=r["instruction"], response=r["response"], context="") + tokenizer.eos_token
-             for r in rows]
+    texts = recipe_texts(work, tokenizer)
     rows_per_step = 64
     if rows_per_step % micro_batch:
         raise ValueError(f"micro_batch {micro_batch} does not divide the step's {rows_per_step} rows")
