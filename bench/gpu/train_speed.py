@@ -46,10 +46,16 @@ NO_DROPOUT = ["lora.dropout=0"]
 # Not a spec field: the bench process sets torch._inductor.config.fallback_random, so the compiled layers draw
 # dropout masks through eager's random ops and leave the generator where eager leaves it.
 EAGER_RNG = "bench.eager_rng=true"
+# fp32 compute and fp32 trainable weights (flash attention is half-precision only, so sdpa over the packed rows):
+# the recipe's arithmetic without bf16 rounding, the reference for which bf16 loss curve is the faithful one.
+FP32 = ["training.bf16=false", "quantization.compute_dtype=float32", "model.attn_implementation=sdpa"]
 # name -> (how it runs, spec, overrides). "recipe" is the notebook in plain TRL (no ray_sft code), "plain" is
 # ray_sft's trainer in a plain process (what Ray costs is "ray" over "plain"), "ray" is `ray-sft train`.
 CONFIGS = {
     "recipe": ("recipe", None, []),
+    # The recipe with another seed (and so another data order, as the notebook's data_seed follows its seed): the
+    # seed-to-seed spread of the first losses, the yardstick for any other run's loss curve.
+    "recipe-seed7": ("recipe", None, ["seed=7"]),
     "plain-recipe": ("plain", RECIPE_SPEC, []),
     "ray-recipe": ("ray", RECIPE_SPEC, []),
     "plain-fast": ("plain", FAST_SPEC, []),
@@ -63,6 +69,12 @@ CONFIGS = {
     "plain-fast-nodrop": ("plain", FAST_SPEC, NO_DROPOUT),
     "plain-fast-compiled-nodrop": ("plain", FAST_SPEC, COMPILED + NO_DROPOUT),
     "plain-fast-compiled-eager-rng": ("plain", FAST_SPEC, COMPILED + [EAGER_RNG]),
+    "plain-fast-fp32": ("plain", FAST_SPEC, FP32),
+    # bf16 with sdpa over the packed rows instead of varlen (flash) attention: the fp32 pair (sdpa) parts only as
+    # far as the recipe's seeds do, the bf16 pair (varlen) three times as far. Is it the compiled varlen call?
+    "plain-fast-sdpa": ("plain", FAST_SPEC, ["model.attn_implementation=sdpa"]),
+    "plain-fast-compiled-sdpa": ("plain", FAST_SPEC, COMPILED + ["model.attn_implementation=sdpa"]),
+    "plain-fast-compiled-fp32": ("plain", FAST_SPEC, COMPILED + FP32),
     # The peer: unsloth on the same job (bench/gpu/unsloth_job.py, its own bundle: build_unsloth_bundle.sh),
     # padding-free as it runs on an H200 by default, and padded in 4 micro-batches of 16 rows.
     "unsloth": ("unsloth", None, []),
@@ -156,8 +168,8 @@ def recipe_texts(work: Path, tokenizer) -> list[str]:
             for r in map(json.loads, open(work / "data.jsonl"))][:ROWS]
 
 
-def run_recipe(work: Path, steps: int, result: Path, device: str) -> None:
-    """(a) The notebook's training, in plain TRL, one process, no ray_sft code."""
+def run_recipe(work: Path, steps: int, result: Path, device: str, extra: list[str]) -> None:
+    """(a) The notebook's training, in plain TRL, one process, no ray_sft code. `extra` may hold "seed=N"."""
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -176,6 +188,7 @@ def run_recipe(work: Path, steps: int, result: Path, device: str) -> None:
 
         disable_cpu_repack(model)  # the CPU dry run only: see modeling.disable_cpu_repack
     texts = recipe_texts(work, tokenizer)
+    seed = int(dict(e.split("=", 1) for e in extra).get("seed", 42))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     records: list = []
     trainer = SFTTrainer(
@@ -188,7 +201,7 @@ def run_recipe(work: Path, steps: int, result: Path, device: str) -> None:
                        bf16=device == "cuda", train_sampling_strategy="group_by_length", logging_steps=1,
                        auto_find_batch_size=True,
                        save_strategy="no", max_length=1024, packing=False, neftune_noise_alpha=5,
-                       gradient_checkpointing=True, dataset_text_field="text", seed=42, data_seed=42,
+                       gradient_checkpointing=True, dataset_text_field="text", seed=seed, data_seed=seed,
                        report_to="none", disable_tqdm=True, use_cpu=device == "cpu"),
         callbacks=[step_recorder(records)])
     trainer.train()
@@ -242,7 +255,19 @@ def peak_gib(device: str) -> float | None:
 
 
 def write_result(result: Path, records: list, peak: float | None) -> None:
-    result.write_text(json.dumps({"steps": records, "peak_gib": peak}))
+    result.write_text(json.dumps({"steps": records, "peak_gib": peak, "compile": compile_report()}))
+
+
+def compile_report() -> dict | None:
+    """Where a compiled run's warm-up went (Dynamo's per-phase seconds) and what hit the compile caches: the
+    warm-up is the compiled layers' whole cost, so it must be explained, not just timed. None if nothing compiled."""
+    import torch._dynamo.utils as dynamo_utils
+
+    if not dynamo_utils.counters["frames"]:
+        return None
+    return {"seconds": dynamo_utils.compile_times(repr="str", aggregate=True),
+            "counters": {k: dict(v) for k, v in dynamo_utils.counters.items()
+                         if k in ("frames", "stats", "aot_autograd", "inductor", "graph_break", "recompiles")}}
 
 
 def ray_run(work: Path, spec_path: Path, name: str, steps: int, device: str, deadline: float, extra=(),
@@ -432,7 +457,7 @@ def summarise(outcome: dict, first: int, last: int, busy: GpuBusy, gpu: int = 0)
             "tokens_per_step": (b["num_tokens"] - a["num_tokens"]) / (last - first),
             "warmup_s": a["time"] - outcome["started"], "gpu_busy": busy.between(a["time"], b["time"], gpu), "gpu": gpu,
             "peak_gib": outcome.get("peak_gib"), "losses": [s["loss"] for s in outcome["steps"]],
-            "rc": outcome["rc"]}
+            "rc": outcome["rc"], "compile": outcome.get("compile")}
 
 
 def spread(values: list[float]) -> dict:
@@ -538,7 +563,7 @@ def main() -> None:
     parser.add_argument("--extra", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one == "recipe":
-        return run_recipe(args.work, args.steps, args.result, args.device)
+        return run_recipe(args.work, args.steps, args.result, args.device, args.extra)
     if args.one in ("variant", "variant-group"):
         return run_variant(args.work, args.steps, args.result, args.device, args.spec, args.extra,
                            group=args.one == "variant-group")
