@@ -46,6 +46,9 @@ NO_DROPOUT = ["lora.dropout=0"]
 # Not a spec field: the bench process sets torch._inductor.config.fallback_random, so the compiled layers draw
 # dropout masks through eager's random ops and leave the generator where eager leaves it.
 EAGER_RNG = "bench.eager_rng=true"
+# Not a spec field either: the varlen attention call runs outside the compiled graph (a graph break around it in
+# every layer), the rest of each layer compiled. If the compiled curve then follows eager, the compiled call is it.
+EAGER_ATTENTION = "bench.eager_attention=true"
 # fp32 compute and fp32 trainable weights (flash attention is half-precision only, so sdpa over the packed rows):
 # the recipe's arithmetic without bf16 rounding, the reference for which bf16 loss curve is the faithful one.
 FP32 = ["training.bf16=false", "quantization.compute_dtype=float32", "model.attn_implementation=sdpa"]
@@ -74,6 +77,7 @@ CONFIGS = {
     # far as the recipe's seeds do, the bf16 pair (varlen) three times as far. Is it the compiled varlen call?
     "plain-fast-sdpa": ("plain", FAST_SPEC, ["model.attn_implementation=sdpa"]),
     "plain-fast-compiled-sdpa": ("plain", FAST_SPEC, COMPILED + ["model.attn_implementation=sdpa"]),
+    "plain-fast-compiled-eager-attn": ("plain", FAST_SPEC, COMPILED + [EAGER_ATTENTION]),
     "plain-fast-compiled-fp32": ("plain", FAST_SPEC, COMPILED + FP32),
     # The peer: unsloth on the same job (bench/gpu/unsloth_job.py, its own bundle: build_unsloth_bundle.sh),
     # padding-free as it runs on an H200 by default, and padded in 4 micro-batches of 16 rows.
@@ -219,7 +223,12 @@ def run_variant(work: Path, steps: int, result: Path, device: str, spec_path: Pa
         import torch._inductor.config
 
         torch._inductor.config.fallback_random = True
-        extra = [e for e in extra if e != EAGER_RNG]
+    if EAGER_ATTENTION in extra:
+        import torch
+
+        # Registered with transformers when the model loads, under this module-level name.
+        modeling.varlen_attention = torch.compiler.disable(modeling.varlen_attention)
+    extra = [e for e in extra if e not in (EAGER_RNG, EAGER_ATTENTION)]
 
     job = spec.load(spec_path, overrides(work, steps, result.stem, device) + extra)
     tokenizer = modeling.load_tokenizer(str(work / "model"), job.model)
