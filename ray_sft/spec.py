@@ -134,10 +134,9 @@ class TrainingSpec:
     # Concatenate a micro-batch's rows into one sequence with per-row position ids instead of padding them.
     padding_free: bool = True
     # torch.compile each decoder layer (one graph shared by all layers, any packed length) to fuse the LoRA,
-    # norm, RoPE and activation element-wise work. Off: on the H200 its step is 1.36x faster, but its bf16 loss
-    # curve parts from the recipe's by 3x the recipe's seed-to-seed spread, and its compile pays back only after
-    # about 400 steps (bench/RESULTS.md, "Stop 25").
-    compile: bool = False
+    # norm, RoPE and activation element-wise work, rounding to bf16 where eager does (execution.compile_layers).
+    # "auto": on CUDA for runs long enough to pay back the compile (execution.COMPILE_PAYS_AFTER_STEPS).
+    compile: Union[bool, Literal["auto"]] = "auto"
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray_sft import run_files, tracking
-from ray_sft.execution import RecipeNeftune, compile_layers, micro_batching, truncate_rows
+from ray_sft.execution import RecipeNeftune, compile_layers, compile_wanted, micro_batching, truncate_rows
 from ray_sft.spec import JobSpec, from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -198,9 +198,26 @@ def build_trainer(spec: JobSpec, model_path: str, tokenizer, train_rows: list[di
         # rows, would get far less noise than the recipe's 4-row batches. RecipeNeftune keeps the recipe's scale.
         RecipeNeftune(trainer.neftune_noise_alpha, spec.training.per_device_batch_size).attach(trainer.model)
         trainer.neftune_noise_alpha = None  # Trainer.train would add its own hook on top
-    if spec.training.compile:
-        log.info("compiled %d decoder layers (the first steps include the compile)", compile_layers(trainer.model))
+    if spec.training.compile:  # true or "auto": settled when training starts and its step count is known
+        trainer.add_callback(_compile_callback_class()(spec.training.compile, torch.device(device).type))
     return trainer
+
+
+def _compile_callback_class():
+    from transformers import TrainerCallback
+
+    class CompileLayers(TrainerCallback):
+        """Compiles the decoder layers as training starts, when the run's optimizer steps are known."""
+
+        def __init__(self, setting, device_type: str):
+            self.setting, self.device_type = setting, device_type
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if compile_wanted(self.setting, self.device_type, state.max_steps):
+                log.info("compiled %d decoder layers for %d steps (training.compile: %s; the first steps include "
+                         "the compile)", compile_layers(model), state.max_steps, self.setting)
+
+    return CompileLayers
 
 
 # ---------------------------------------------------------------------------------------------------------------
