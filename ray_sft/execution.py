@@ -53,6 +53,22 @@ def compile_layers(model, backend: str = "inductor") -> int:
     return len(layers)
 
 
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent in this process so far (tracing, AOTAutograd, code generation): the part of
+    the first steps' time that is compiling, reported apart from the steps' own speed."""
+    import torch._dynamo.utils
+
+    from ray_sft.couplings import drift, require
+
+    names, values = require("torch", torch._dynamo.utils, "compile_times", ("repr", "aggregate"))(
+        repr="csv", aggregate=True)
+    if not names:
+        return 0.0
+    if "_compile.compile_inner" not in names:
+        raise drift("torch", "torch._dynamo.utils.compile_times no longer reports _compile.compile_inner")
+    return float(values[names.index("_compile.compile_inner")])
+
+
 def truncate_rows(dataset, max_length: int):
     """Keep each tokenized row's first max_length tokens, as TRL's own truncation does without padding_free."""
     return dataset.map(lambda row: {"input_ids": row["input_ids"][:max_length], "labels": row["labels"][:max_length]})

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray_sft import run_files, tracking
-from ray_sft.execution import RecipeNeftune, compile_layers, compile_wanted, micro_batching, truncate_rows
+from ray_sft.execution import (RecipeNeftune, compile_layers, compile_seconds, compile_wanted, micro_batching,
+                               truncate_rows)
 from ray_sft.spec import JobSpec, from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -210,12 +211,17 @@ def _compile_callback_class():
         """Compiles the decoder layers as training starts, when the run's optimizer steps are known."""
 
         def __init__(self, setting, device_type: str):
-            self.setting, self.device_type = setting, device_type
+            self.setting, self.device_type, self.compiled = setting, device_type, False
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if compile_wanted(self.setting, self.device_type, state.max_steps):
-                log.info("compiled %d decoder layers for %d steps (training.compile: %s; the first steps include "
+            self.compiled = compile_wanted(self.setting, self.device_type, state.max_steps)
+            if self.compiled:
+                log.info("compiling %d decoder layers for %d steps (training.compile: %s; the first steps include "
                          "the compile)", compile_layers(model), state.max_steps, self.setting)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.compiled:
+                log.info("torch.compile took %.1f s of this run", compile_seconds())
 
     return CompileLayers
 

@@ -17,6 +17,7 @@ PRIVATE_NAMES = [
     ("transformers", "transformers.masking_utils", "flash_attention_mask", ()),  # modeling: varlen attention
     ("torch", "torch.nn.attention.varlen", "varlen_attn", ()),  # modeling: varlen attention
     ("torch", "torch._inductor.config", "emulate_precision_casts", ()),  # execution.compile_layers: eager rounding
+    ("torch", "torch._dynamo.utils", "compile_times", ("repr", "aggregate")),  # execution.compile_seconds
     ("ray", "ray._raylet", "AuthenticationTokenLoader.instance", ()),  # jobs: re-read the token
     ("ray", "ray.serve._private.constants", "SERVE_HTTP_REQUEST_TIMEOUT_S_HEADER", ()),  # replica: refused
     ("ray", "ray.serve._private.constants", "SERVE_HTTP_REQUEST_DISCONNECT_DISABLED_HEADER", ()),  # replica: refused
