@@ -89,8 +89,9 @@ def fp32_trainer(args, trainer, rows, tokenizer, extra):
 
     from ray_sft import spec, train
 
+    # Flash (varlen) attention has no fp32 kernel: the reference attends with sdpa over the same packed rows.
     job = spec.load(FAST_SPEC, overrides(args.work, 1, "compile-check-fp32", args.device) + extra
-                    + ["quantization.compute_dtype=float32", "training.bf16=false"])
+                    + ["quantization.compute_dtype=float32", "training.bf16=false", "model.attn_implementation=sdpa"])
     reference = train.build_trainer(job, str(args.work / "model"), tokenizer, rows, [], args.device,
                                     str(args.work / "runs" / "compile-check-fp32"))
     values = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
