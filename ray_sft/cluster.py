@@ -17,8 +17,7 @@ log = logging.getLogger(__name__)
 #   worker's next report waits until the previous one is collected; logging steps shorter than that stalled, and a
 #   worker dying within 2 s of a checkpoint report lost that checkpoint to a restart.
 RAY_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-           "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def embedded(address: str | None) -> bool:

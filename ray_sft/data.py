@@ -1,6 +1,6 @@
 """Instruction rows in, training texts out: reading, validation, prompt templates, EOS, train/eval split.
 
-Knows nothing about Ray workers: `load_examples` returns plain lists that `train` hands to Ray Data.
+Knows nothing about Ray workers: `load_examples` returns plain lists that `train` puts in Ray's object store.
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def sft_config(spec: JobSpec, output_dir: str, device_type: str, has_eval: bool,
 def _sharded_trainer_class():
     """SFTTrainer whose train loader keeps this rank's Ray shard whole and records the rows it yields.
 
-    Ray Data already gave each worker its own disjoint shard; accelerate would shard it again under DDP and
+    Each worker already took its own disjoint shard (shard_rows); accelerate would shard it again under DDP and
     each rank would silently train on half of its rows. Making the prepared batch sampler a passthrough is
     the same fix transformers applies to its own rank-aware sampler.
     """
@@ -323,10 +323,9 @@ def train_worker(config: dict) -> None:
         torch.cuda.set_device(device)
 
     tokenizer = modeling.load_tokenizer(config["model_path"], spec.model)
-    every_row = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: r["row"])
-    train_rows = shard_rows(every_row, rank, context.get_world_size())
-    eval_shard = ray.train.get_dataset_shard("eval") if config["has_eval"] else None
-    eval_rows = list(eval_shard.iter_rows()) if eval_shard else []
+    rows = ray.get(config["rows"])
+    train_rows = shard_rows(rows["train"], rank, context.get_world_size())
+    eval_rows = rows["eval"]
 
     with tempfile.TemporaryDirectory(prefix="ray_sft-worker-") as output_dir:
         resume_from = _restore_checkpoint(output_dir)
@@ -361,8 +360,9 @@ def leave_single_rank_group() -> None:
 def shard_rows(rows: list[dict], rank: int, world_size: int) -> list[dict]:
     """This rank's rows: disjoint strided shards of equal size, so every rank runs the same number of steps.
 
-    Ray Data's streaming split with equal=True drops rows at block granularity (4 of 80 measured here), so each
-    worker reads the whole (small) train set and takes its own stride; at most world_size - 1 rows are left out.
+    Every worker reads the whole train set from the object store and takes its own stride; at most
+    world_size - 1 rows are left out. (Ray Data's streaming split with equal=True dropped rows at block granularity,
+    4 of 80 measured here, and its executor and coordinator actors cost every run seconds of start-up.)
     """
     per_rank = len(rows) // world_size
     return rows[rank::world_size][:per_rank]
@@ -448,9 +448,8 @@ def fit(spec: JobSpec, resume: bool = False, trial: bool = False, crash: Injecte
     forwarded to Tune, and the run is tracked as a trial of the search whose runs `parent` names.
     """
     import ray
-    import ray.data
     import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ray_sft import data, modeling
@@ -472,9 +471,8 @@ def fit(spec: JobSpec, resume: bool = False, trial: bool = False, crash: Injecte
     run_files.write_spec(run_dir, spec)
     if not resume:
         run_files.reset_run_outputs(run_dir)
-    datasets_ = {"train": ray.data.from_items(examples.train)}
-    if examples.eval:
-        datasets_["eval"] = ray.data.from_items(examples.eval)
+    # Once into the object store: every worker reads it from there (one copy per node), a restarted one too.
+    rows = ray.put({"train": examples.train, "eval": examples.eval})
     with tracking.Tracker.open(spec, run_dir, resume, "trial" if trial else "train", parent) as tracker:
         # In this order: a report is on disk, then tracked, then (a trial) acted on by Tune, which may end it.
         callbacks = [run_files.MetricsCallback(str(run_dir), echo=not trial), tracker.callback()]
@@ -482,15 +480,13 @@ def fit(spec: JobSpec, resume: bool = False, trial: bool = False, crash: Injecte
             callbacks.append(_tune_report_callback(spec.tune.metric, spec.tune.mode))
         trainer = TorchTrainer(
             train_worker,
+            # Every worker reads the whole train set and takes its own stride (shard_rows); every worker evaluates
+            # on the whole eval set, which accelerate shards and gathers itself.
             train_loop_config={"spec": to_dict(spec), "model_path": model_path, "run_dir": str(run_dir),
-                               "has_eval": bool(examples.eval), "cpus_per_worker": spec.scaling.cpus_per_worker,
+                               "rows": rows, "cpus_per_worker": spec.scaling.cpus_per_worker,
                                "crash": dataclasses.asdict(crash) if crash else None},
             scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=use_gpu,
                                          resources_per_worker=resources),
-            # Every worker reads the whole train set and takes its own stride (shard_rows); every worker evaluates
-            # on the whole eval set, which accelerate shards and gathers itself.
-            dataset_config=DataConfig(datasets_to_split=[]),
-            datasets=datasets_,
             run_config=RunConfig(
                 name=run_name, storage_path=spec.storage_path, callbacks=callbacks,
                 failure_config=FailureConfig(max_failures=spec.scaling.max_failures),

@@ -116,11 +116,46 @@ class SearchRun:
 
 
 @pytest.fixture(scope="session")
-def searched_run(ray_cluster, tmp_path_factory):
+def mlflow_uri(tmp_path_factory):
+    """`mlflow server` on a free loopback port with a sqlite store and its own artifact folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/db.sqlite",
+         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=open(folder / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300  # a loaded 2-core machine took over 120 s once
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (folder / "server.log").read_text()
+                time.sleep(0.5)
+        yield uri
+    finally:
+        # The server and the uvicorn worker it started (a graceful stop waits out the client's open connections).
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def searched_run(ray_cluster, mlflow_uri, tmp_path_factory):
     """The README's Quickstart line, once for every test that reads a search: `ray-sft run` of the search spec that
     scripts/quickstart.sh runs (search, serve the winner, one sample over HTTP), sized down to 4 trials of 6 steps,
     2 at a time under ASHA. The spec's learning-rate distribution becomes a grid holding one absurd rate that ASHA
-    must stop at its first eval; its other searched fields are drawn as the spec says."""
+    must stop at its first eval; its other searched fields are drawn as the spec says. Besides the default
+    TensorBoard it tracks to a real MLflow server and to W&B offline (a search of its own for those cost the suite
+    two more minutes)."""
     import re
 
     from ray import serve
@@ -131,6 +166,8 @@ def searched_run(ray_cluster, tmp_path_factory):
     runs, port = tmp_path_factory.mktemp("search"), free_port()
     code, out = run_cli("run", str(REPO / spec_file), f"output.dir={runs}", f"serve.port={port}", *FAST,
                         "training.max_steps=6", "tune.num_samples=1",
-                        f"tune.search_space.training.learning_rate={{grid: [1.0e-3, 2.0e-3, 3.0e-3, {ABSURD_LR}]}}")
+                        f"tune.search_space.training.learning_rate={{grid: [1.0e-3, 2.0e-3, 3.0e-3, {ABSURD_LR}]}}",
+                        "tracking.backends=[tensorboard, mlflow, wandb]", f"tracking.mlflow.uri={mlflow_uri}",
+                        "tracking.wandb.mode=offline")
     serve.shutdown()  # the run removed its app; its HTTP proxy would hold the port of later servers
     return SearchRun(code, out, spec_file, runs / spec.load(REPO / spec_file).output.name)

@@ -5,14 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
-import signal
 import struct
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +15,7 @@ import pytest
 
 from ray_sft import run_files, spec, tracking
 from ray_sft.spec import SpecError
-from tests.conftest import ABSURD_LR, FAST, PLANTED_SECRETS, QUICKSTART, QUICKSTART_TUNE, free_port, run_cli
+from tests.conftest import ABSURD_LR, PLANTED_SECRETS, QUICKSTART, free_port
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,56 +168,20 @@ def test_an_unreachable_tracker_is_a_warning_and_the_others_log_every_report(tmp
 # MLflow: a real server
 
 
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory):
-    """`mlflow server` on a free loopback port with a sqlite store and its own artifact folder."""
-    folder = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/db.sqlite",
-         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=open(folder / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300  # a loaded 2-core machine took over 120 s once
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, (folder / "server.log").read_text()
-                time.sleep(0.5)
-        yield uri
-    finally:
-        # The server and the uvicorn worker it started (a graceful stop waits out the client's open connections).
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
-
-
 @pytest.mark.slow
-def test_a_search_is_one_parent_run_with_a_child_per_trial_on_a_real_mlflow_server(ray_cluster, mlflow_uri, tmp_path):
+def test_a_search_is_one_parent_run_with_a_child_per_trial_on_a_real_mlflow_server(searched_run, mlflow_uri):
+    """The shared search (tests/conftest.py: `searched_run`) tracked to a real MLflow server and W&B offline."""
     from mlflow import MlflowClient
 
-    # One trial at a time, the absurd one second: ASHA stops it at its first eval, with steps still to go (with only
-    # 2 steps, a fast trial could finish before the stop reached it). Through `run --no-serve`: the pipeline's search
-    # path that ends after exporting the winner (the shared search, the README's Quickstart line, serves it).
-    code, out = run_cli("run", "--no-serve", str(QUICKSTART_TUNE), f"output.dir={tmp_path}", *FAST,
-                        "output.name=tracked",
-                        "training.max_steps=4", "training.eval_steps=1", "training.save_steps=1",
-                        "training.warmup_steps=0", "tune.num_samples=1", "tune.max_concurrent_trials=1",
-                        f"tune.search_space={{training.learning_rate: {{grid: [2.0e-3, {ABSURD_LR}]}}}}",
-                        "tracking.backends=[tensorboard, mlflow, wandb]", f"tracking.mlflow.uri={mlflow_uri}",
-                        "tracking.wandb.mode=offline")
+    code, out, run = searched_run.code, searched_run.out, searched_run.run_dir
     assert code == 0, out
     assert "warning" not in out
-    run = tmp_path / "tracked"
-    assert f"adapter: {run / 'best' / 'adapter'}" in out and "serving" not in out
     table = pd.read_csv(run / "trials.csv").set_index("trial_id")
     best = json.loads((run / "best.json").read_text())
+    assert table["stopped_early"].sum() == 1  # the absurd trial: a KILLED MLflow run below
 
     client = MlflowClient(mlflow_uri)
-    runs = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(run.name).experiment_id])
     (parent,) = [r for r in runs if tracking.PARENT_TAG not in r.data.tags]
     assert parent.data.tags["ray_sft.kind"] == "search" and parent.info.status == "FINISHED"
     assert parent.data.tags["ray_sft.best_trial"] == best["trial_id"]
@@ -249,7 +208,7 @@ def test_a_search_is_one_parent_run_with_a_child_per_trial_on_a_real_mlflow_serv
                                                                                           "adapter")}
     assert {"adapter", "loss.png"} <= {a.path for a in client.list_artifacts(winner)}  # a finished trial's own
     card = (run / "best" / "adapter" / "README.md").read_text()
-    assert f"MLflow: run `{winner}` in experiment `tracked`" in card and mlflow_uri not in card
+    assert f"MLflow: run `{winner}` in experiment `{run.name}`" in card and mlflow_uri not in card
 
     # W&B offline, in the same search: each trial's run folder holds its run, in the search's group.
     group = json.loads((run / tracking.TRACKING_FILE).read_text())["wandb"]["group"]

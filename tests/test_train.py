@@ -137,7 +137,8 @@ def test_worker_crash_recovers_from_latest_checkpoint(ray_cluster, tmp_path):
 
 @pytest.mark.slow
 def test_crash_without_retries_fails_keeps_checkpoints_and_resume_continues(ray_cluster, tmp_path):
-    job = quick_spec(tmp_path, *FAST, "scaling.max_failures=0")
+    # One worker: what fails and resumes here is the run, not a worker group (the test above restarts one of two).
+    job = quick_spec(tmp_path, *FAST, "scaling.max_failures=0", "scaling.num_workers=1")
     with pytest.raises(train.TrainError, match="(?s)training failed.*--resume"):
         train.fit(job, crash=train.InjectedCrash(rank=0, step=3))
     checkpoints = [p for p in sorted(Path(job.storage_path).glob("*/checkpoint_*")) if p.is_dir()]
