@@ -178,7 +178,7 @@ def test_a_search_is_one_parent_run_with_a_child_per_trial_on_a_real_mlflow_serv
     assert "warning" not in out
     table = pd.read_csv(run / "trials.csv").set_index("trial_id")
     best = json.loads((run / "best.json").read_text())
-    assert table["stopped_early"].sum() == 1  # the absurd trial: a KILLED MLflow run below
+    assert table.loc[table["training.learning_rate"] == ABSURD_LR, "stopped_early"].all()  # ASHA may stop others
 
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name(run.name).experiment_id])
@@ -195,8 +195,7 @@ def test_a_search_is_one_parent_run_with_a_child_per_trial_on_a_real_mlflow_serv
         records = [r for r in run_files.read_metrics(run / "trials" / trial_id) if "eval_loss" in r]
         assert_series([(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "eval_loss")],
                       [(r["step"], r["eval_loss"]) for r in records])
-        stopped = bool(row["training.learning_rate"] == ABSURD_LR)
-        assert bool(row["stopped_early"]) == stopped
+        stopped = bool(row["stopped_early"])
         assert (child.data.tags[tracking.STATUS_TAG], child.info.status) == (
             ("stopped_early", "KILLED") if stopped else ("completed", "FINISHED"))
         assert (child.data.tags.get(tracking.BEST_TAG) == "true") is (trial_id == best["trial_id"])
