@@ -13,15 +13,11 @@ import pytest
 
 from tests.conftest import QUICKSTART, REPO
 
-# Runs the CLI, then says on stderr whether Ray was ever imported: a verb that never imports ray never starts it.
-PROBE = ("import sys; from ray_sft.cli import main; code = main(sys.argv[1:]); "
-         "print('ray imported' if 'ray' in sys.modules else 'ray never imported', file=sys.stderr); sys.exit(code)")
 
-
-def ray_sft(*argv: str, timeout: float = 60, probe: bool = False) -> subprocess.CompletedProcess:
+def ray_sft(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-c", PROBE, *argv] if probe else [sys.executable, "-m", "ray_sft.cli", *argv]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "ray_sft.cli", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -62,55 +58,60 @@ print(json.dumps(results))
 
 
 @pytest.fixture(scope="module")
-def bad_data_calls(tmp_path_factory) -> dict:
-    """`ray-sft validate|train` of every bad file in BAD_DATA: {(file, verb): (call's result, its output.dir)}."""
-    folder = tmp_path_factory.mktemp("bad-data")
+def preflight(tmp_path_factory) -> dict:
+    """Every pre-flight call of the tests below, in one process: {case: call's result, with its output.dir}."""
+    folder = tmp_path_factory.mktemp("preflight")
     for name, (content, _) in BAD_DATA.items():
         if content is not None:
             (folder / name).write_text(content, encoding="utf-8")
-    cases = {(name, verb): folder / f"runs-{verb}-{name}" for name in BAD_DATA for verb in ("validate", "train")}
-    argvs = [[verb, str(QUICKSTART), f"data.source={folder / name}", f"output.dir={runs}"]
-             for (name, verb), runs in cases.items()]
+    quickstart = ["validate", str(QUICKSTART)]
+    calls = {(name, verb): [verb, str(QUICKSTART), f"data.source={folder / name}"]
+             for name in BAD_DATA for verb in ("validate", "train")}
+    calls |= {"hub-id": [*quickstart, "data.source=not a dataset id!"], "validate": quickstart,
+              "too-long": [*quickstart, "training.max_length=128"],
+              "truncated": [*quickstart, "training.max_length=128", "data.on_bad_rows=truncate"]}
+    outputs = [folder / f"runs-{i}" for i in range(len(calls))]
+    argvs = [[*argv, f"output.dir={runs}"] for argv, runs in zip(calls.values(), outputs)]
     done = subprocess.run([sys.executable, "-c", BATCH_PROBE, json.dumps(argvs)], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout.splitlines()[-1])
-    return {case: (result, runs) for (case, runs), result in zip(cases.items(), results, strict=True)}
+    return {case: {**result, "output_dir": runs} for case, result, runs in zip(calls, results, outputs, strict=True)}
 
 
 @pytest.mark.parametrize("verb", ["validate", "train"])
 @pytest.mark.parametrize("name", list(BAD_DATA))
-def test_bad_data_fails_before_ray(bad_data_calls, name, verb):
-    result, runs = bad_data_calls[name, verb]
+def test_bad_data_fails_before_ray(preflight, name, verb):
+    result = preflight[name, verb]
     assert result["code"] == 2, result["stderr"]
     assert BAD_DATA[name][1] in result["stderr"]
     assert "Traceback" not in result["stderr"]
     # Ray cannot start in a process that never imported it (other sessions' clusters come and go in /tmp, so
     # counting Ray's folders or raylets would be racy).
     assert not result["ray_imported"]
-    assert not runs.exists()
+    assert not result["output_dir"].exists()
 
 
-def test_hub_id_must_be_well_formed():
-    result = ray_sft("validate", str(QUICKSTART), "data.source=not a dataset id!", probe=True)
-    assert result.returncode == 2 and "neither an existing file nor a Hub dataset id" in result.stderr
-    assert "ray never imported" in result.stderr
+def test_hub_id_must_be_well_formed(preflight):
+    result = preflight["hub-id"]
+    assert result["code"] == 2 and "neither an existing file nor a Hub dataset id" in result["stderr"]
+    assert not result["ray_imported"]
 
 
-def test_validate_reports_rows_and_token_lengths():
-    result = ray_sft("validate", str(QUICKSTART), probe=True)
-    assert result.returncode == 0, result.stderr
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("[ray-sft] data:")]
+def test_validate_reports_rows_and_token_lengths(preflight):
+    result = preflight["validate"]
+    assert result["code"] == 0, result["stderr"]
+    (line,) = [line for line in result["stderr"].splitlines() if line.startswith("[ray-sft] data:")]
     assert "336 usable rows (304 train, 32 eval)" in line
     assert "tokens per row min 86 / median 150 / max 340, 0 over training.max_length 512" in line
-    assert "ray never imported" in result.stderr
+    assert not result["ray_imported"] and not result["output_dir"].exists()
 
 
-def test_too_long_rows_fail_validate_unless_truncated():
-    result = ray_sft("validate", str(QUICKSTART), "training.max_length=128")
-    assert result.returncode == 2 and "row 0, column 'response': too long: 300 tokens" in result.stderr
-    result = ray_sft("validate", str(QUICKSTART), "training.max_length=128", "data.on_bad_rows=truncate")
-    assert result.returncode == 0 and "245 over training.max_length 128 (truncated)" in result.stderr
+def test_too_long_rows_fail_validate_unless_truncated(preflight):
+    result = preflight["too-long"]
+    assert result["code"] == 2 and "row 0, column 'response': too long: 300 tokens" in result["stderr"]
+    result = preflight["truncated"]
+    assert result["code"] == 0 and "245 over training.max_length 128 (truncated)" in result["stderr"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
