@@ -362,7 +362,7 @@ def shard_rows(rows: list[dict], rank: int, world_size: int) -> list[dict]:
 
     Every worker reads the whole train set from the object store and takes its own stride; at most
     world_size - 1 rows are left out. (Ray Data's streaming split with equal=True dropped rows at block granularity,
-    4 of 80 measured here, and its executor and coordinator actors cost every run seconds of start-up.)
+    4 of 80 measured here.)
     """
     per_rank = len(rows) // world_size
     return rows[rank::world_size][:per_rank]
@@ -471,7 +471,7 @@ def fit(spec: JobSpec, resume: bool = False, trial: bool = False, crash: Injecte
     run_files.write_spec(run_dir, spec)
     if not resume:
         run_files.reset_run_outputs(run_dir)
-    # Once into the object store: every worker reads it from there (one copy per node), a restarted one too.
+    # One copy per node, read again by a restarted worker.
     rows = ray.put({"train": examples.train, "eval": examples.eval})
     with tracking.Tracker.open(spec, run_dir, resume, "trial" if trial else "train", parent) as tracker:
         # In this order: a report is on disk, then tracked, then (a trial) acted on by Tune, which may end it.

@@ -7,6 +7,11 @@ and Ray is a private cluster on 127.0.0.1 with its own temp dir (never `ray stop
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,12 +123,6 @@ class SearchRun:
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory):
     """`mlflow server` on a free loopback port with a sqlite store and its own artifact folder."""
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
     folder = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     server = subprocess.Popen(
