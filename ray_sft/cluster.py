@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 #   worker dying within 2 s of a checkpoint report lost that checkpoint to a restart.
 RAY_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# Added for a private local cluster only: Ray Train's preemption watcher (an actor process per worker group that
+# polls for nodes being drained) has nothing to watch on one machine whose cluster lives and dies with the run.
+EMBEDDED_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def embedded(address: str | None) -> bool:
@@ -36,7 +39,8 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     """
     import ray
 
-    for key, value in RAY_ENV.items():
+    env = RAY_ENV | (EMBEDDED_RAY_ENV if embedded(address) else {})
+    for key, value in env.items():  # a value the user set wins
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         yield
@@ -44,7 +48,7 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     from ray_sft.console import say
 
     temp_dir, started = None, time.monotonic()
-    runtime_env = {"env_vars": {k: os.environ[k] for k in RAY_ENV}}
+    runtime_env = {"env_vars": {k: os.environ[k] for k in env}}
     if not embedded(address):
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         where = f"joined {address or os.environ['RAY_ADDRESS']}"

@@ -163,3 +163,12 @@ with cluster.connect(num_cpus=1):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "task 42" in done.stdout and ("webui None" in done.stdout or "webui ''" in done.stdout)
     assert "dashboard packages are missing" in done.stderr
+
+
+def test_ray_train_on_a_private_cluster_starts_no_preemption_watcher(trained_run):
+    """cluster.EMBEDDED_RAY_ENV: the shared run trained on the session's private cluster, whose actor table (dead
+    actors included) then holds its Train controller but no preemption watcher."""
+    from ray._private import state
+
+    classes = {a["ActorClassName"] for a in state.actors().values()}
+    assert "TrainController" in classes and "PreemptionWatcher" not in classes, classes
