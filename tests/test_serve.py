@@ -465,20 +465,42 @@ def _post(url: str, model: str, timeout_s: float) -> int | str:
             return type(exc).__name__
 
 
+def _stream_end(url: str, model: str, timeout_s: float) -> tuple[str, float]:
+    """How a long streamed answer ended ("done": [DONE] came; "cut": closed without it, or mid-chunk, which httpx
+    reports as RemoteProtocolError; else the status or the client's error) and when (monotonic)."""
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 512, "stream": True}
+    with httpx.Client(base_url=url, timeout=timeout_s) as c:
+        try:
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                lines = [line for line in r.iter_lines() if line] if r.status_code == 200 else [str(r.status_code)]
+            how = "done" if lines[-1:] == ["data: [DONE]"] else "cut" if r.status_code == 200 else lines[0]
+        except httpx.RemoteProtocolError:
+            how = "cut"
+        except httpx.HTTPError as exc:
+            how = type(exc).__name__
+    return how, time.monotonic()
+
+
 @pytest.mark.slow
 def test_a_killed_replica_ends_every_request_and_is_replaced(client, setup):
-    """SIGKILL on the main app's replica during 32 concurrent requests: each ends, none hangs (those the replica held
-    with Serve's 500, the queued ones on the new replica), and a new replica answers within 60 s."""
+    """SIGKILL on the main app's replica during 4 long streams and 32 concurrent requests: each ends, none hangs
+    (those the replica held with Serve's 500 or a cut stream, the queued ones on the new replica), and a new replica
+    answers within 60 s."""
     pid, limit = _alive_pid(**MAIN_REPLICA), setup["spec"].serve.request_timeout_s
     assert pid
-    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+    with concurrent.futures.ThreadPoolExecutor(36) as pool:
+        streams = [pool.submit(_stream_end, setup["url"], "trained", 2 * limit) for _ in range(4)]
         posted = [pool.submit(_post, setup["url"], ("trained", "other")[i % 2], 2 * limit) for i in range(32)]
-        time.sleep(2)  # every request is at the replica or queued before it
+        time.sleep(2)  # the streams are decoding at the replica, every other request there or queued before it
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
         ended = [f.result() for f in posted]
+        stream_ends = [f.result() for f in streams]
     # Serve's proxy answers a request its replica died under with a 500; the kill landed while some were there.
     assert all(code in (200, 500, 503) for code in ended) and ended.count(200) < 32, ended
+    # A stream the replica died under is closed at once (no [DONE]), not left open until the request's timeout.
+    assert "cut" in [how for how, _ in stream_ends], stream_ends
+    assert all(how in ("done", "cut") and at - killed < 10 for how, at in stream_ends), (stream_ends, killed)
     assert _wait_for(lambda: _post(setup["url"], "other", 10) == 200, 60 - (time.monotonic() - killed))
     assert _alive_pid(**MAIN_REPLICA) not in (None, pid)
 
