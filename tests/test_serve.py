@@ -472,8 +472,10 @@ def _stream_end(url: str, model: str, timeout_s: float) -> tuple[str, float]:
     with httpx.Client(base_url=url, timeout=timeout_s) as c:
         try:
             with c.stream("POST", "/v1/completions", json=body) as r:
-                lines = [line for line in r.iter_lines() if line] if r.status_code == 200 else [str(r.status_code)]
-            how = "done" if lines[-1:] == ["data: [DONE]"] else "cut" if r.status_code == 200 else lines[0]
+                if r.status_code != 200:
+                    return str(r.status_code), time.monotonic()
+                lines = [line for line in r.iter_lines() if line]
+            how = "done" if lines[-1:] == ["data: [DONE]"] else "cut"
         except httpx.RemoteProtocolError:
             how = "cut"
         except httpx.HTTPError as exc:
