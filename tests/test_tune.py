@@ -156,7 +156,10 @@ def test_search_end_to_end_stops_the_absurd_trial_and_exports_the_best(searched_
     # trackers -> Tune), so it may log a step past it, never a second eval.
     evals = [r["step"] for r in run_files.read_metrics(run / "trials" / absurd["trial_id"]) if "eval_loss" in r]
     assert absurd["stopped_early"] and evals == [job.training.eval_steps] and absurd["steps"] < job.training.max_steps
-    assert absurd["steps"] <= healthy["steps"].min() and absurd["steps"] < healthy["steps"].max()
+    # ASHA may stop a healthy trial at the same rung, and that one may stop a step sooner: compare evals, not steps.
+    healthy_evals = [sum("eval_loss" in r for r in run_files.read_metrics(run / "trials" / t))
+                     for t in healthy["trial_id"]]
+    assert min(healthy_evals) >= len(evals) and absurd["steps"] < healthy["steps"].max()
     assert (healthy["steps"] == job.training.max_steps).any()
 
     best = json.loads((run / "best.json").read_text())
