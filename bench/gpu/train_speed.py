@@ -213,7 +213,7 @@ def run_recipe(work: Path, steps: int, result: Path, device: str, extra: list[st
 
 
 def run_variant(work: Path, steps: int, result: Path, device: str, spec_path: Path, extra: list[str],
-                group: bool = False) -> None:
+                group: bool = False, callbacks=()) -> None:
     """ray_sft's trainer (train.build_trainer) in a plain process, no Ray: `spec_path` + `extra`."""
     from ray_sft import data, modeling, spec, train
 
@@ -235,7 +235,7 @@ def run_variant(work: Path, steps: int, result: Path, device: str, spec_path: Pa
     examples = data.load_examples(job, tokenizer)
     records: list = []
     trainer = train.build_trainer(job, str(work / "model"), tokenizer, examples.train, [], device,
-                                  str(work / "runs" / result.stem), callbacks=[step_recorder(records)])
+                                  str(work / "runs" / result.stem), callbacks=[step_recorder(records), *callbacks])
     trainer.args.save_strategy = "no"
     trainer.train()
     write_result(result, records, peak_gib(device))
@@ -314,6 +314,11 @@ def run_logged(command: list[str], log: Path, deadline: float, probe=None, env=N
                 probe.stop()
 
 
+def py_spy() -> str:
+    """py-spy, which Ray's dependencies bring: on PATH, or beside this Python when PATH lacks the bundle's bin."""
+    return shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+
+
 class Probe:
     """What runs in the training process while it trains: py-spy stacks of every thread and each thread's CPU time.
 
@@ -355,7 +360,7 @@ class Probe:
         status = Path(f"/proc/{target}/status").read_text()
         self.status = {k: v.strip() for k, _, v in (line.partition(":") for line in status.splitlines())
                        if k in ("Threads", "Cpus_allowed_list", "voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")}
-        spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(target), "--rate", "100", "--threads",
+        spy = subprocess.Popen([py_spy(), "record", "--pid", str(target), "--rate", "100", "--threads",
                                 "--nonblocking", "--format", "raw", "--duration", str(int(self.seconds)),
                                 "-o", str(self.out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         first = self._thread_cpu(target)
