@@ -78,7 +78,7 @@ def bnb_config(quantization: QuantizationSpec):
 def load_model(path: str, spec: JobSpec, device: str | torch.device, training: bool = True):
     """The base model (4-bit when the spec says so) with every weight on `device`.
 
-    On CPU, training processes get the bitsandbytes repack disabled (see disable_cpu_repack).
+    On CPU every model gets the bitsandbytes repack disabled (see disable_cpu_repack), for training and inference.
     """
     from transformers import AutoModelForCausalLM
 
@@ -96,8 +96,8 @@ def load_model(path: str, spec: JobSpec, device: str | torch.device, training: b
     )
     if training:
         model.config.use_cache = False
-        if torch.device(device).type == "cpu":
-            disable_cpu_repack(model)
+    if torch.device(device).type == "cpu":
+        disable_cpu_repack(model)
     return model
 
 
@@ -171,8 +171,10 @@ def disable_cpu_repack(model) -> int:
 
     bitsandbytes 0.50 repacks a Linear4bit weight in place the first time it runs in eval mode without grad;
     backward then goes through an op with no autograd kernel and LoRA gradients come out wrong (measured 106%
-    off) with only a warning. Every process that trains on CPU must call this right after loading.
-    Returns how many modules were changed.
+    off) with only a warning. Inference suffers too: the repacked kernel computes in bf16 whatever the spec's
+    compute_dtype, and its rounding depends on how many rows share the batch (on an AVX512-BF16 CPU, a served
+    batch's greedy text differed from the same prompts one by one, and merged logits from the adapter's by 2e-3).
+    Every process that loads a 4-bit model on CPU calls this right after loading. Returns how many modules changed.
     """
     import bitsandbytes as bnb
 

@@ -80,7 +80,11 @@ def _lora_grads(model, batch) -> dict[str, torch.Tensor]:
 def _grads_before_and_after_eval(job, tiny_model_path, fix: bool):
     from peft import get_peft_model
 
-    model = modeling.load_model(tiny_model_path, job, "cpu", training=fix)
+    model = modeling.load_model(tiny_model_path, job, "cpu", training=True)
+    if not fix:  # bitsandbytes' own default, which load_model overrides on CPU
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = True
     model = get_peft_model(model, modeling.lora_config(job.lora, modeling.lora_targets(model, job.lora)))
     torch.manual_seed(0)
     for name, param in model.named_parameters():  # LoRA B starts at zero: give A's gradient something to see
@@ -96,6 +100,14 @@ def _grads_before_and_after_eval(job, tiny_model_path, fix: bool):
     model.train()
     after = _lora_grads(model, batch)
     return before, after
+
+
+def test_a_model_loaded_for_inference_on_cpu_is_not_repacked_either(job, tiny_model_path):
+    """The repacked kernel computes in bf16 and rounds by batch size: served and generated text would depend on
+    which requests share a batch (see modeling.disable_cpu_repack)."""
+    model = modeling.load_model(tiny_model_path, job, "cpu", training=False)
+    disabled, layers = modeling.cpu_repack_disabled(model)
+    assert layers > 0 and disabled == layers
 
 
 @pytest.mark.skipif(not bnb.functional.has_avx512bf16(),

@@ -3,6 +3,7 @@ back through MlflowClient, and a W&B offline run's transaction log read with W&B
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
@@ -94,13 +95,29 @@ def test_every_trial_of_the_search_has_its_own_tensorboard_events(searched_run):
 # W&B offline runs, read back
 
 
-def wandb_run(run_file: Path) -> tuple[dict, dict, list[dict]]:
-    """(run metadata, config, history rows) from a W&B transaction log (.wandb): W&B's own protobuf records, in
-    LevelDB's log framing (W&B ships no Python reader for it)."""
+def wandb_run(run_file: Path, timeout_s: float = 30) -> tuple[dict, dict, list[dict]]:
+    """(run metadata, config, history rows) from a W&B transaction log (.wandb), once W&B has written it whole.
+
+    W&B's writer process can still be appending when the run's finish() has returned (seen on a fast CPU: the last
+    record half written), so the log is read again until it ends with W&B's closing `exit` record."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(DecodeError):
+            meta, config, rows, ended = _read_wandb_log(run_file)
+            if ended:
+                return meta, config, rows
+        assert time.monotonic() < deadline, f"{run_file} has no exit record after {timeout_s}s"
+        time.sleep(0.5)
+
+
+def _read_wandb_log(run_file: Path) -> tuple[dict, dict, list[dict], bool]:
+    """W&B's own protobuf records, in LevelDB's log framing (W&B ships no Python reader for it)."""
     from wandb.proto import wandb_internal_pb2
 
     raw, block, offset, pending = run_file.read_bytes(), 32768, 7, b""
-    meta, config, rows = {}, {}, []
+    meta, config, rows, ended = {}, {}, [], False
     assert raw.startswith(b":W&B")
     while offset + 7 <= len(raw):
         if block - offset % block < 7:  # a block's tail too short for a header is padding
@@ -120,7 +137,8 @@ def wandb_run(run_file: Path) -> tuple[dict, dict, list[dict]]:
             config.update(_items(record.run.config.update))
         elif record.WhichOneof("record_type") == "history":
             rows.append(_items(record.history.item))
-    return meta, config, rows
+        ended = record.WhichOneof("record_type") == "exit"
+    return meta, config, rows, ended
 
 
 def _items(items) -> dict:

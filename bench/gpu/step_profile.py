@@ -180,6 +180,8 @@ def spy_summary(raw: Path, top: int = 40) -> dict:
         return {"samples": 0, "top": []}
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
         frames = stack.split(";")
         for frame in set(f.split(" (")[0] for f in frames):
             inclusive[frame] += int(count)
@@ -202,11 +204,12 @@ def run(args, name: str, label: str, deadline: float) -> dict:
     raw = args.work / f"{label}.spy.txt"
     spy = subprocess.Popen([train_speed.py_spy(), "record", "--pid", str(proc.pid), "--subprocesses", "--rate", "50",
                             "--nonblocking", "--format", "raw", "-o", str(raw)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if Path(train_speed.py_spy()).exists() else None
     while proc.poll() is None and not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.5)
-    spy.send_signal(signal.SIGINT)
-    spy.wait(timeout=60)
+    if spy:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
     try:
         rc = proc.wait(timeout=max(1, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
@@ -216,9 +219,16 @@ def run(args, name: str, label: str, deadline: float) -> dict:
     outcome = json.loads(result.read_text()) if result.is_file() else {}
     first_step_s = float(marker.read_text()) - started if marker.exists() else None
     report = {"config": name, "rc": rc, "first_step_s": first_step_s, "compile": outcome.get("compile"),
-              "steps": outcome.get("steps"), "spy_first_step": spy_summary(raw)}
+              "steps": outcome.get("steps")}
+    try:
+        report["spy_first_step"] = spy_summary(raw)
+    except Exception as error:  # py-spy's output format is not ours: keep the rest
+        report["spy_first_step"] = {"error": repr(error)}
     if trace.is_file():
-        report["profile"] = analyse(trace, args.steps)
+        try:
+            report["profile"] = analyse(trace, args.steps)
+        except Exception as error:  # keep the run's other findings and the trace itself
+            report["profile"] = {"error": repr(error)}
         packed = args.out / f"{label}.trace.json.gz"
         with open(trace, "rb") as src, gzip.open(packed, "wb") as dst:
             dst.write(src.read())
