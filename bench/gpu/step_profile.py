@@ -47,7 +47,7 @@ def profiler_callback(warmup: int, steps: int, trace: Path, marker: Path):
         profiler = None
 
         def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == warmup:
+            if state.global_step == warmup and steps:
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
@@ -172,21 +172,28 @@ def analyse(trace: Path, steps: int, min_gap_us: float = 20.0) -> dict:
 # py-spy over the first step
 
 
-def spy_summary(raw: Path, top: int = 40) -> dict:
-    """Inclusive samples per frame (a frame counted once per stack) from py-spy's raw output, per process."""
+def spy_summary(raw: Path, main_pid: int, top: int = 40) -> dict:
+    """From py-spy's raw output (idle samples included): each process's samples (threads and compile workers run in
+    parallel: theirs are not wall time), and the main thread's frames by inclusive share of its wall time (a frame
+    counted once per stack, "function (file" without the line)."""
+    per_process: Counter = Counter()
     inclusive: Counter = Counter()
-    total = 0
+    main, main_samples = f"process {main_pid}:", 0
     if not raw.is_file():
-        return {"samples": 0, "top": []}
+        return {"samples": 0}
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
-        frames = stack.split(";")
-        for frame in set(f.split(" (")[0] for f in frames):
-            inclusive[frame] += int(count)
-        total += int(count)
-    return {"samples": total, "top": [(k, round(v / total, 3)) for k, v in inclusive.most_common(top)]}
+        root = stack.split(":", 1)[0]  # "process 1234"; a command line may itself hold ';', py-spy's separator
+        per_process[root] += int(count)
+        frames = stack[len(main):].split(";")[1:]
+        if stack.startswith(main) and frames and frames[0].startswith("<module> (") and "step_profile" in frames[0]:
+            main_samples += int(count)  # the main thread's, idle ones included: its wall time
+            for frame in {f.rsplit(":", 1)[0] for f in frames}:
+                inclusive[frame] += int(count)
+    return {"samples_by_process": per_process.most_common(24), "main_samples": main_samples,
+            "main_top": [(k, round(v / max(1, main_samples), 3)) for k, v in inclusive.most_common(top)]}
 
 
 def run(args, name: str, label: str, deadline: float) -> dict:
@@ -202,8 +209,8 @@ def run(args, name: str, label: str, deadline: float) -> dict:
     log = open(args.work / f"{label}.log", "w")
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=train_speed.REPO)
     raw = args.work / f"{label}.spy.txt"
-    spy = subprocess.Popen([train_speed.py_spy(), "record", "--pid", str(proc.pid), "--subprocesses", "--rate", "50",
-                            "--nonblocking", "--format", "raw", "-o", str(raw)],
+    spy = subprocess.Popen([train_speed.py_spy(), "record", "--pid", str(proc.pid), "--subprocesses", "--idle",
+                            "--rate", "50", "--nonblocking", "--format", "raw", "-o", str(raw)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if Path(train_speed.py_spy()).exists() else None
     while proc.poll() is None and not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -220,8 +227,11 @@ def run(args, name: str, label: str, deadline: float) -> dict:
     first_step_s = float(marker.read_text()) - started if marker.exists() else None
     report = {"config": name, "rc": rc, "first_step_s": first_step_s, "compile": outcome.get("compile"),
               "steps": outcome.get("steps")}
+    if raw.is_file():
+        with open(raw, "rb") as src, gzip.open(args.out / f"{label}.spy.txt.gz", "wb") as dst:
+            dst.write(src.read())
     try:
-        report["spy_first_step"] = spy_summary(raw)
+        report["spy_first_step"] = spy_summary(raw, proc.pid)
     except Exception as error:  # py-spy's output format is not ours: keep the rest
         report["spy_first_step"] = {"error": repr(error)}
     if trace.is_file():
@@ -243,7 +253,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/train_speed"))
     parser.add_argument("--configs", default="plain-fast-compiled,plain-fast")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=2, help="optimizer steps profiled")
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps profiled (0: py-spy over the first "
+                                                                 "step only, no torch.profiler)")
     parser.add_argument("--deadline", type=float, default=540)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (with --device cpu: a dry run)")
