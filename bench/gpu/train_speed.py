@@ -151,7 +151,13 @@ def overrides(work: Path, steps: int, name: str, device: str) -> list[str]:
 # One run per process
 
 
-def step_recorder(records: list):
+def steps_log(result: Path) -> Path:
+    return result.with_suffix(".steps.jsonl")
+
+
+def step_recorder(records: list, result: Path):
+    """Each logged step's time, loss and token count, kept in `records` and appended to the run's steps log as it
+    happens: a run killed at the deadline after its timed steps (while it exits) still has its figures."""
     from transformers import TrainerCallback
 
     class Record(TrainerCallback):
@@ -159,6 +165,8 @@ def step_recorder(records: list):
             if logs and "loss" in logs:
                 records.append({"step": state.global_step, "time": time.time(), "loss": logs["loss"],
                                 "num_tokens": logs.get("num_tokens")})
+                with open(steps_log(result), "a") as out:
+                    out.write(json.dumps(records[-1]) + "\n")
 
     return Record()
 
@@ -207,7 +215,7 @@ def run_recipe(work: Path, steps: int, result: Path, device: str, extra: list[st
                        save_strategy="no", max_length=1024, packing=False, neftune_noise_alpha=5,
                        gradient_checkpointing=True, dataset_text_field="text", seed=seed, data_seed=seed,
                        report_to="none", disable_tqdm=True, use_cpu=device == "cpu"),
-        callbacks=[step_recorder(records)])
+        callbacks=[step_recorder(records, result)])
     trainer.train()
     write_result(result, records, peak_gib(device))
 
@@ -235,7 +243,7 @@ def run_variant(work: Path, steps: int, result: Path, device: str, spec_path: Pa
     examples = data.load_examples(job, tokenizer)
     records: list = []
     trainer = train.build_trainer(job, str(work / "model"), tokenizer, examples.train, [], device,
-                                  str(work / "runs" / result.stem), callbacks=[step_recorder(records), *callbacks])
+                                  str(work / "runs" / result.stem), callbacks=[step_recorder(records, result), *callbacks])
     trainer.args.save_strategy = "no"
     trainer.train()
     write_result(result, records, peak_gib(device))
@@ -402,8 +410,13 @@ def plain_run(work: Path, kind: str, steps: int, device: str, deadline: float, n
                "--steps", str(steps), "--result", str(result), *[f"--extra={e}" for e in extra]]
     if spec_path:
         command.append(f"--spec={spec_path}")
+    steps_log(result).unlink(missing_ok=True)
     rc = run_logged(command, work / f"{name}.log", deadline, probe, env)
-    outcome = json.loads(result.read_text()) if rc == 0 else {"steps": [], "peak_gib": None}
+    if rc == 0:
+        outcome = json.loads(result.read_text())
+    else:  # read even after a failure, as a Ray run's metrics.jsonl is
+        log = steps_log(result)
+        outcome = {"steps": [json.loads(line) for line in open(log)] if log.is_file() else [], "peak_gib": None}
     return {**outcome, "rc": rc}
 
 

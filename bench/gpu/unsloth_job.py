@@ -257,7 +257,7 @@ def _train(work: Path, steps: int, result: Path, device: str, padding_free: bool
             neftune_noise_alpha=5,  # unsloth injects its own NEFTune hook (tokenizer_utils.py / rl.py)
             dataset_text_field="text", seed=42, data_seed=42, report_to="none", disable_tqdm=True,
             use_cpu=device == "cpu", dataset_num_proc=1),
-        callbacks=[counter.callback(), step_recorder(records)])
+        callbacks=[counter.callback(), step_recorder(records, result)])
     counter.wrap(trainer)
     environment["padding_free_effective"] = getattr(trainer.args, "padding_free", None)
     environment["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
