@@ -9,6 +9,8 @@ import shutil
 import tempfile
 import time
 
+from ray_sft import proxy
+
 log = logging.getLogger(__name__)
 
 # Set for every process of a run (driver, Ray Train controller, workers):
@@ -18,9 +20,12 @@ log = logging.getLogger(__name__)
 #   worker dying within 2 s of a checkpoint report lost that checkpoint to a restart.
 RAY_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-# Added for a private local cluster only: Ray Train's preemption watcher (an actor process per worker group that
-# polls for nodes being drained) has nothing to watch on one machine whose cluster lives and dies with the run.
-EMBEDDED_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Added for a private local cluster only (a joined cluster's nodes have their own environment: cluster/Dockerfile).
+# Ray Train's preemption watcher (an actor process per worker group that polls for nodes being drained) has nothing
+# to watch on one machine whose cluster lives and dies with the run. Serve's HTTP proxy answers a request a dead
+# replica held with a JSON 503, not uvicorn's plain-text 500 (ray_sft.proxy).
+EMBEDDED_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": proxy.CALLBACK}
 
 
 def embedded(address: str | None) -> bool:

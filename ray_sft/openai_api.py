@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ray_sft import data
 from ray_sft.generate import Completion, with_overrides
+from ray_sft.proxy import error_body
 from ray_sft.spec import GenerationSpec, ServeSpec
 
 
@@ -26,10 +27,6 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return error_body(self.message, self.kind, self.code, self.param)
-
-
-def error_body(message: str, kind: str, code: str | None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "code": code, "param": param}}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 from ray_sft import couplings, engine, generate, modeling, multi_lora, openai_api, registry
 from ray_sft.generate import Completion
 from ray_sft.openai_api import ApiError
+from ray_sft.proxy import error_body
 from ray_sft.spec import from_dict
 from ray_sft.targets import base_name
 
@@ -55,14 +56,14 @@ async def _api_error(request: Request, exc: ApiError):
 
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException):
-    return JSONResponse(openai_api.error_body(str(exc.detail), "invalid_request_error", str(exc.status_code)),
+    return JSONResponse(error_body(str(exc.detail), "invalid_request_error", str(exc.status_code)),
                         status_code=exc.status_code)
 
 
 @api.exception_handler(Exception)
 async def _unexpected_error(request: Request, exc: Exception):
     # Even a bug answers in OpenAI's error shape (clients parse it); the traceback stays in the replica log.
-    return JSONResponse(openai_api.error_body("internal server error", "server_error", "internal_error"),
+    return JSONResponse(error_body("internal server error", "server_error", "internal_error"),
                         status_code=500)
 
 
