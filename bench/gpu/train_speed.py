@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -49,6 +50,9 @@ EAGER_RNG = "bench.eager_rng=true"
 # Not a spec field either: the varlen attention call runs outside the compiled graph (a graph break around it in
 # every layer), the rest of each layer compiled. If the compiled curve then follows eager, the compiled call is it.
 EAGER_ATTENTION = "bench.eager_attention=true"
+# Not a spec field: the plain process trains in a thread of its own, as Ray Train runs a train function (its
+# TrainingThread), not in the main thread. Is a thread what makes the Ray worker's step slower?
+IN_THREAD = "bench.in_thread=true"
 # fp32 compute and fp32 trainable weights (flash attention is half-precision only, so sdpa over the packed rows):
 # the recipe's arithmetic without bf16 rounding, the reference for which bf16 loss curve is the faithful one.
 FP32 = ["training.bf16=false", "quantization.compute_dtype=float32", "model.attn_implementation=sdpa"]
@@ -79,6 +83,7 @@ CONFIGS = {
     "plain-fast-compiled-sdpa": ("plain", FAST_SPEC, COMPILED + ["model.attn_implementation=sdpa"]),
     "plain-fast-compiled-eager-attn": ("plain", FAST_SPEC, COMPILED + [EAGER_ATTENTION]),
     "plain-fast-compiled-fp32": ("plain", FAST_SPEC, COMPILED + FP32),
+    "plain-fast-compiled-thread": ("plain", FAST_SPEC, COMPILED + [IN_THREAD]),
     # The peer: unsloth on the same job (bench/gpu/unsloth_job.py, its own bundle: build_unsloth_bundle.sh),
     # padding-free as it runs on an H200 by default, and padded in 4 micro-batches of 16 rows.
     "unsloth": ("unsloth", None, []),
@@ -236,7 +241,7 @@ def run_variant(work: Path, steps: int, result: Path, device: str, spec_path: Pa
 
         # Registered with transformers when the model loads, under this module-level name.
         modeling.varlen_attention = torch.compiler.disable(modeling.varlen_attention)
-    extra = [e for e in extra if e not in (EAGER_RNG, EAGER_ATTENTION)]
+    extra = [e for e in extra if e not in (EAGER_RNG, EAGER_ATTENTION, IN_THREAD)]
 
     job = spec.load(spec_path, overrides(work, steps, result.stem, device) + extra)
     tokenizer = modeling.load_tokenizer(str(work / "model"), job.model)
@@ -247,6 +252,25 @@ def run_variant(work: Path, steps: int, result: Path, device: str, spec_path: Pa
     trainer.args.save_strategy = "no"
     trainer.train()
     write_result(result, records, peak_gib(device))
+
+
+def in_thread(fn) -> None:
+    """Run `fn` in a thread of its own and wait for it; its exception, if any, is raised here."""
+    import threading
+
+    failure: list[BaseException] = []
+
+    def target():
+        try:
+            fn()
+        except BaseException as e:  # noqa: B036 - re-raised in the main thread
+            failure.append(e)
+
+    thread = threading.Thread(target=target, name="TrainingThread")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 def join_one_rank_group(device: str) -> None:
@@ -592,8 +616,9 @@ def main() -> None:
     if args.one == "recipe":
         return run_recipe(args.work, args.steps, args.result, args.device, args.extra)
     if args.one in ("variant", "variant-group"):
-        return run_variant(args.work, args.steps, args.result, args.device, args.spec, args.extra,
-                           group=args.one == "variant-group")
+        variant = functools.partial(run_variant, args.work, args.steps, args.result, args.device, args.spec,
+                                    args.extra, group=args.one == "variant-group")
+        return in_thread(variant) if IN_THREAD in args.extra else variant()
 
     deadline = time.monotonic() + args.deadline
     started = time.monotonic()
