@@ -198,6 +198,45 @@ def cpu_repack_disabled(model) -> tuple[int, int]:
     return sum(getattr(m, "support_avx512bf16_for_cpu", True) is False for m in layers), len(layers)
 
 
+class DequantizedLinear(torch.nn.Module):
+    """A frozen bitsandbytes Linear4bit's forward from its weights dequantized once: the input cast to the layer's
+    compute dtype, a dense matmul, the result cast back to the input's dtype (what Linear4bit does in training,
+    where bitsandbytes dequantizes the 4-bit weights for every matmul)."""
+
+    def __init__(self, layer):
+        import bitsandbytes as bnb
+
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        dtype = layer.compute_dtype or layer.weight.quant_state.dtype
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(self.weight.dtype)
+        return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
+
+
+def dequantize_base(model) -> int:
+    """Replace every 4-bit linear layer under `model` by a DequantizedLinear, in place; return how many.
+
+    For training.dequantize_base: on a GPU whose step is bound by the host issuing kernels, bitsandbytes'
+    dequantizing in every forward and backward matmul (and its Python) is part of the step. The copy holds the
+    values the 4-bit layer computes with, so the step computes the same numbers; the base weights take 2 bytes per
+    parameter in bf16 instead of about half a byte. LoRA's wrappers keep calling their base layer.
+    """
+    import bitsandbytes as bnb
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                setattr(parent, name, DequantizedLinear(child))
+                replaced += 1
+    return replaced
+
+
 def lora_targets(model, lora: LoraSpec) -> list[str]:
     """Module names LoRA attaches to: an explicit list, or every 4-bit linear layer's name but lm_head.
 

@@ -199,6 +199,9 @@ def build_trainer(spec: JobSpec, model_path: str, tokenizer, train_rows: list[di
         # rows, would get far less noise than the recipe's 4-row batches. RecipeNeftune keeps the recipe's scale.
         RecipeNeftune(trainer.neftune_noise_alpha, spec.training.per_device_batch_size).attach(trainer.model)
         trainer.neftune_noise_alpha = None  # Trainer.train would add its own hook on top
+    if spec.training.dequantize_base:
+        log.info("training against a dequantized copy of %d 4-bit layers (training.dequantize_base)",
+                 modeling.dequantize_base(trainer.model))
     if spec.training.compile:  # true or "auto": settled when training starts and its step count is known
         trainer.add_callback(_compile_callback_class()(spec.training.compile, torch.device(device).type))
     return trainer

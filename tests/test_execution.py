@@ -49,7 +49,7 @@ def _trainer(job, model_path, tmp_path):
     return train.build_trainer(job, model_path, tokenizer, rows, [], "cpu", str(tmp_path / "out"))
 
 
-def _losses_and_weights(tmp_path, model_path, compiled: bool):
+def _losses_and_weights(tmp_path, model_path, compiled: bool, *overrides: str):
     import torch
     from torch._dynamo.utils import counters
 
@@ -58,7 +58,7 @@ def _losses_and_weights(tmp_path, model_path, compiled: bool):
     job = quick_spec(tmp_path, "training.max_steps=3", "training.logging_steps=1", "data.max_rows=48",
                      "data.eval_rows=0", "lora.dropout=0", "training.compile=false",
                      "training.per_device_batch_size=4", "training.gradient_accumulation_steps=2",
-                     "training.micro_batch_size=8", "training.padding_free=true")
+                     "training.micro_batch_size=8", "training.padding_free=true", *overrides)
     trainer = _trainer(job, model_path, tmp_path)
     if compiled:
         counters.clear()
@@ -83,3 +83,18 @@ def test_compiled_layers_train_as_eager_ones(tmp_path, tiny_model_path):
     assert weights.keys() == eager_weights.keys()
     for name, tensor in weights.items():
         assert torch.allclose(tensor, eager_weights[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_training_on_the_dequantized_base_gives_the_4bit_runs_losses_and_weights(tmp_path, tiny_model_path):
+    import bitsandbytes as bnb
+
+    losses, weights, _, _, torch = _losses_and_weights(tmp_path / "4bit", tiny_model_path, False)
+    dense_losses, dense_weights, _, _, _ = _losses_and_weights(tmp_path / "dense", tiny_model_path, False,
+                                                               "training.dequantize_base=true")
+    assert len(losses) == 3 and dense_losses == losses
+    assert dense_weights.keys() == weights.keys()
+    for name, tensor in dense_weights.items():
+        assert torch.equal(tensor, weights[name]), name
+    trainer = _trainer(quick_spec(tmp_path / "check", "training.dequantize_base=true", "data.max_rows=16",
+                                  "data.eval_rows=0"), tiny_model_path, tmp_path)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())

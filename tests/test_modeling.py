@@ -64,6 +64,31 @@ def test_lora_lands_on_every_4bit_linear_and_saves_embeddings(job, tiny_model_pa
     assert not any("lm_head" in n for n in trainable)
 
 
+def test_dequantized_base_layers_compute_what_the_4bit_ones_do(job, tiny_model_path):
+    from peft import get_peft_model
+
+    model = modeling.load_model(tiny_model_path, job, "cpu")
+    model = get_peft_model(model, modeling.lora_config(job.lora, modeling.lora_targets(model, job.lora)))
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, model.config.hidden_size)
+    inputs = {n: x if m.in_features == x.shape[-1] else torch.randn(2, 5, m.in_features) for n, m in quantized.items()}
+    with torch.no_grad():
+        expected = {n: quantized[n](inputs[n]) for n in quantized}
+
+    assert modeling.dequantize_base(model) == len(quantized) == 7 * model.config.num_hidden_layers
+    layers = dict(model.named_modules())
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in layers.values())
+    with torch.no_grad():
+        for name, out in expected.items():
+            dense = layers[name]
+            assert isinstance(dense, modeling.DequantizedLinear) and not dense.weight.requires_grad
+            assert torch.equal(dense(inputs[name]), out), name
+    # LoRA still wraps every replaced layer and still trains.
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sum(".lora_A." in n for n in trainable) == len(quantized)
+
+
 def test_explicit_target_list_is_used_as_given(tmp_path, tiny_model_path):
     job = quick_spec(tmp_path, "lora.target_modules=[q_proj, v_proj]", "lora.modules_to_save=[]")
     model = modeling.load_model(tiny_model_path, job, "cpu")

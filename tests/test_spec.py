@@ -193,6 +193,12 @@ def test_cross_field_errors_are_all_reported():
     assert [e.split(":")[0] for e in errors] == ["training.save_steps", "serve.autoscaling.max_replicas"]
 
 
+def test_dequantize_base_needs_a_4bit_base():
+    assert spec.from_dict({"training": {"dequantize_base": True}}).training.dequantize_base is True
+    assert errors_of({"training": {"dequantize_base": True}, "quantization": {"load_in_4bit": False}}) == [
+        "training.dequantize_base: needs quantization.load_in_4bit: true (there is nothing to dequantize)"]
+
+
 def test_custom_template_must_have_placeholders():
     assert spec.from_dict({"prompt": {"template": "Q: {instruction}\nA: {response}"}}).prompt.template.startswith("Q:")
     (error,) = errors_of({"prompt": {"template": "no_such_template"}})
