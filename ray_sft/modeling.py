@@ -224,7 +224,9 @@ def dequantize_base(model) -> int:
     For training.dequantize_base: on a GPU whose step is bound by the host issuing kernels, bitsandbytes'
     dequantizing in every forward and backward matmul (and its Python) is part of the step. The copy holds the
     values the 4-bit layer computes with, so the step computes the same numbers; the base weights take 2 bytes per
-    parameter in bf16 instead of about half a byte. LoRA's wrappers keep calling their base layer.
+    parameter in bf16 instead of about half a byte. LoRA's wrappers keep calling their base layer. (transformers'
+    model.dequantize(), which serving uses before any adapter, would have to run before PEFT: the model would then
+    be prepared as a bf16 one, not as a 4-bit one as the recipe trains it.)
     """
     import bitsandbytes as bnb
 

@@ -71,8 +71,7 @@ def test_dequantized_base_layers_compute_what_the_4bit_ones_do(job, tiny_model_p
     model = get_peft_model(model, modeling.lora_config(job.lora, modeling.lora_targets(model, job.lora)))
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     torch.manual_seed(0)
-    x = torch.randn(2, 5, model.config.hidden_size)
-    inputs = {n: x if m.in_features == x.shape[-1] else torch.randn(2, 5, m.in_features) for n, m in quantized.items()}
+    inputs = {n: torch.randn(2, 5, m.in_features) for n, m in quantized.items()}
     with torch.no_grad():
         expected = {n: quantized[n](inputs[n]) for n in quantized}
 
