@@ -36,8 +36,8 @@ def compile_layers(model, backend: str = "inductor") -> int:
     Compiling layer by layer (not the whole model) keeps the graph small: all layers run the same code, so they
     share one compiled graph, and the parts outside them (embeddings with NEFTune's hook, the LM head and loss)
     stay as they are. A packed step's length changes every step, so the graph is compiled once with dynamic sizes
-    (the weights' shapes stay static) instead of once per length. Gradient checkpointing wraps the compiled call,
-    so the recompute in backward runs the compiled graph too.
+    (the weights' shapes stay static) instead of once per length. A gradient-checkpointed layer is checkpointed
+    inside its graph (checkpoint_inside).
     """
     import torch._inductor.config
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -49,8 +49,33 @@ def compile_layers(model, backend: str = "inductor") -> int:
     torch._inductor.config.emulate_precision_casts = True
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
+        if layer.gradient_checkpointing:
+            checkpoint_inside(layer)
         layer.compile(backend=backend, dynamic=True)
     return len(layers)
+
+
+def checkpoint_inside(layer) -> None:
+    """Move a layer's gradient checkpointing from around its call into its forward, so torch.compile traces it.
+
+    transformers (up to 5.17 at least) checkpoints around the layer's whole call: the backward then calls the
+    compiled layer a second time from Python to recompute it, under checkpointing's per-tensor pack/unpack hooks,
+    which on the H200 was a quarter of the step's host time (bench/RESULTS.md, "Stop 28"). Traced inside, the
+    recompute is part of the layer's compiled backward: one call per layer and step each way, and the same
+    activations kept (only the layer's inputs) as eager checkpointing.
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    forward = layer.forward
+    layer.gradient_checkpointing = False  # transformers' own wrapper now passes straight through
+
+    def checkpointed_forward(*args, **kwargs):
+        if layer.training and torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    layer.forward = checkpointed_forward
 
 
 def compile_seconds() -> float:
