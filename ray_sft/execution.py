@@ -36,8 +36,8 @@ def compile_layers(model, backend: str = "inductor") -> int:
     Compiling layer by layer (not the whole model) keeps the graph small: all layers run the same code, so they
     share one compiled graph, and the parts outside them (embeddings with NEFTune's hook, the LM head and loss)
     stay as they are. A packed step's length changes every step, so the graph is compiled once with dynamic sizes
-    (the weights' shapes stay static) instead of once per length. A gradient-checkpointed layer is checkpointed
-    inside its graph (checkpoint_inside).
+    (the weights' shapes stay static) instead of once per length. Gradient checkpointing moves into the compiled
+    graphs (checkpoint_in_graph).
     """
     import torch._inductor.config
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -48,34 +48,29 @@ def compile_layers(model, backend: str = "inductor") -> int:
     # to 0.0007 with the same random numbers (bench/RESULTS.md, "Stop 26"). A renamed option raises here.
     torch._inductor.config.emulate_precision_casts = True
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if any(layer.gradient_checkpointing for layer in layers):
+        checkpoint_in_graph(layers)
     for layer in layers:
-        if layer.gradient_checkpointing:
-            checkpoint_inside(layer)
         layer.compile(backend=backend, dynamic=True)
     return len(layers)
 
 
-def checkpoint_inside(layer) -> None:
-    """Move a layer's gradient checkpointing from around its call into its forward, so torch.compile traces it.
+def checkpoint_in_graph(layers) -> None:
+    """Hand the layers' gradient checkpointing to the compiler: each compiled layer's backward graph recomputes
+    its forward itself, keeping only what cannot be recomputed (the layer's inputs, dropout masks).
 
-    transformers (up to 5.17 at least) checkpoints around the layer's whole call: the backward then calls the
-    compiled layer a second time from Python to recompute it, under checkpointing's per-tensor pack/unpack hooks,
-    which on the H200 was a quarter of the step's host time (bench/RESULTS.md, "Stop 28"). Traced inside, the
-    recompute is part of the layer's compiled backward: one call per layer and step each way, and the same
-    activations kept (only the layer's inputs) as eager checkpointing.
+    transformers (5.17 at least) checkpoints around the layer's call: the backward then calls the compiled layer a
+    second time from Python to recompute it, under checkpointing's per-tensor pack/unpack hooks, a quarter of the
+    step's host time on the H200 (bench/RESULTS.md, "Stop 28"). Tracing torch's checkpoint into the graph instead
+    crashed torch 2.11's partitioner on the H200 (bench/RESULTS.md, "Stop 30"); an activation memory budget of 0
+    asks the same partitioner to recompute everything it can. It applies to every graph compiled later in the
+    process: ray_sft compiles nothing else while training.
     """
-    import torch
-    from torch.utils.checkpoint import checkpoint
+    import torch._functorch.config
 
-    forward = layer.forward
-    layer.gradient_checkpointing = False  # transformers' own wrapper now passes straight through
-
-    def checkpointed_forward(*args, **kwargs):
-        if layer.training and torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return forward(*args, **kwargs)
-
-    layer.forward = checkpointed_forward
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    torch._functorch.config.activation_memory_budget = 0.0
 
 
 def compile_seconds() -> float:

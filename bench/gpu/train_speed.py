@@ -54,7 +54,7 @@ EAGER_ATTENTION = "bench.eager_attention=true"
 # TrainingThread), not in the main thread. Is a thread what makes the Ray worker's step slower?
 IN_THREAD = "bench.in_thread=true"
 # Not a spec field: compiled layers keep transformers' (5.17) checkpointing around the compiled call, as before
-# execution.checkpoint_inside: the backward recomputes each layer by calling it again from Python.
+# execution.checkpoint_in_graph: the backward recomputes each layer by calling it again from Python.
 CHECKPOINT_AROUND = "bench.checkpoint_around=true"
 # fp32 compute and fp32 trainable weights (flash attention is half-precision only, so sdpa over the packed rows):
 # the recipe's arithmetic without bf16 rounding, the reference for which bf16 loss curve is the faithful one.
@@ -252,7 +252,7 @@ def run_variant(work: Path, steps: int, result: Path, device: str, spec_path: Pa
     if CHECKPOINT_AROUND in extra:
         from ray_sft import execution
 
-        execution.checkpoint_inside = lambda layer: None
+        execution.checkpoint_in_graph = lambda layers: None
     extra = [e for e in extra if e not in (EAGER_RNG, EAGER_ATTENTION, IN_THREAD, CHECKPOINT_AROUND)]
 
     job = spec.load(spec_path, overrides(work, steps, result.stem, device) + extra)
