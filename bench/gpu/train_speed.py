@@ -43,6 +43,7 @@ TINY_SHAPE = dict(SHAPE, hidden_size=64, intermediate_size=128, num_hidden_layer
                   num_key_value_heads=4)  # --tiny: a CPU dry run of the whole script
 ROWS = 1024
 COMPILED = ["training.compile=true"]
+DENSE = ["training.dequantize_base=true"]
 NO_DROPOUT = ["lora.dropout=0"]
 # Not a spec field: the bench process sets torch._inductor.config.fallback_random, so the compiled layers draw
 # dropout masks through eager's random ops and leave the generator where eager leaves it.
@@ -90,8 +91,10 @@ CONFIGS = {
     "plain-fast-compiled-around": ("plain", FAST_SPEC, COMPILED + [CHECKPOINT_AROUND]),
     # The frozen 4-bit weights dequantized once (training.dequantize_base): bitsandbytes' per-matmul Python and
     # dequantize kernels leave the host-bound step; the same numbers, about 2 GiB more for this model.
-    "plain-fast-compiled-dense": ("plain", FAST_SPEC, COMPILED + ["training.dequantize_base=true"]),
-    "ray-fast-compiled-dense": ("ray", FAST_SPEC, COMPILED + ["training.dequantize_base=true"]),
+    "plain-fast-dense": ("plain", FAST_SPEC, DENSE),
+    "plain-fast-compiled-dense": ("plain", FAST_SPEC, COMPILED + DENSE),
+    "ray-fast-compiled-dense": ("ray", FAST_SPEC, COMPILED + DENSE),
+    "plain-fast-compiled-dense-around": ("plain", FAST_SPEC, COMPILED + DENSE + [CHECKPOINT_AROUND]),
     # The peer: unsloth on the same job (bench/gpu/unsloth_job.py, its own bundle: build_unsloth_bundle.sh),
     # padding-free as it runs on an H200 by default, and padded in 4 micro-batches of 16 rows.
     "unsloth": ("unsloth", None, []),
