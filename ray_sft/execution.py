@@ -36,8 +36,11 @@ def compile_layers(model, backend: str = "inductor") -> int:
     Compiling layer by layer (not the whole model) keeps the graph small: all layers run the same code, so they
     share one compiled graph, and the parts outside them (embeddings with NEFTune's hook, the LM head and loss)
     stay as they are. A packed step's length changes every step, so the graph is compiled once with dynamic sizes
-    (the weights' shapes stay static) instead of once per length. Gradient checkpointing moves into the compiled
-    graphs (checkpoint_in_graph).
+    (the weights' shapes stay static) instead of once per length. transformers 5.17 checkpoints around the
+    compiled call, so the recompute in backward runs the compiled graph again; 5.24 checkpoints inside the layer's
+    forward, which Dynamo traces, and the compiled backward recomputes the layer itself, replaying the forward's
+    dropout masks. (Asking inductor's partitioner to recompute instead, with an activation memory budget of 0,
+    redraws them: bench/RESULTS.md, "Stop 30".)
     """
     import torch._inductor.config
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -48,29 +51,9 @@ def compile_layers(model, backend: str = "inductor") -> int:
     # to 0.0007 with the same random numbers (bench/RESULTS.md, "Stop 26"). A renamed option raises here.
     torch._inductor.config.emulate_precision_casts = True
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if any(layer.gradient_checkpointing for layer in layers):
-        checkpoint_in_graph(layers)
     for layer in layers:
         layer.compile(backend=backend, dynamic=True)
     return len(layers)
-
-
-def checkpoint_in_graph(layers) -> None:
-    """Hand the layers' gradient checkpointing to the compiler: each compiled layer's backward graph recomputes
-    its forward itself, keeping only what cannot be recomputed (the layer's inputs, dropout masks).
-
-    transformers (5.17 at least) checkpoints around the layer's call: the backward then calls the compiled layer a
-    second time from Python to recompute it, under checkpointing's per-tensor pack/unpack hooks, a quarter of the
-    step's host time on the H200 (bench/RESULTS.md, "Stop 28"). Tracing torch's checkpoint into the graph instead
-    crashed torch 2.11's partitioner on the H200 (bench/RESULTS.md, "Stop 30"); an activation memory budget of 0
-    asks the same partitioner to recompute everything it can. It applies to every graph compiled later in the
-    process: ray_sft compiles nothing else while training.
-    """
-    import torch._functorch.config
-
-    for layer in layers:
-        layer.gradient_checkpointing = False
-    torch._functorch.config.activation_memory_budget = 0.0
 
 
 def compile_seconds() -> float:

@@ -54,9 +54,6 @@ EAGER_ATTENTION = "bench.eager_attention=true"
 # Not a spec field: the plain process trains in a thread of its own, as Ray Train runs a train function (its
 # TrainingThread), not in the main thread. Is a thread what makes the Ray worker's step slower?
 IN_THREAD = "bench.in_thread=true"
-# Not a spec field: compiled layers keep transformers' (5.17) checkpointing around the compiled call, as before
-# execution.checkpoint_in_graph: the backward recomputes each layer by calling it again from Python.
-CHECKPOINT_AROUND = "bench.checkpoint_around=true"
 # fp32 compute and fp32 trainable weights (flash attention is half-precision only, so sdpa over the packed rows):
 # the recipe's arithmetic without bf16 rounding, the reference for which bf16 loss curve is the faithful one.
 FP32 = ["training.bf16=false", "quantization.compute_dtype=float32", "model.attn_implementation=sdpa"]
@@ -88,13 +85,11 @@ CONFIGS = {
     "plain-fast-compiled-eager-attn": ("plain", FAST_SPEC, COMPILED + [EAGER_ATTENTION]),
     "plain-fast-compiled-fp32": ("plain", FAST_SPEC, COMPILED + FP32),
     "plain-fast-compiled-thread": ("plain", FAST_SPEC, COMPILED + [IN_THREAD]),
-    "plain-fast-compiled-around": ("plain", FAST_SPEC, COMPILED + [CHECKPOINT_AROUND]),
     # The frozen 4-bit weights dequantized once (training.dequantize_base): bitsandbytes' per-matmul Python and
     # dequantize kernels leave the host-bound step; the same numbers, about 2 GiB more for this model.
     "plain-fast-dense": ("plain", FAST_SPEC, DENSE),
     "plain-fast-compiled-dense": ("plain", FAST_SPEC, COMPILED + DENSE),
     "ray-fast-compiled-dense": ("ray", FAST_SPEC, COMPILED + DENSE),
-    "plain-fast-compiled-dense-around": ("plain", FAST_SPEC, COMPILED + DENSE + [CHECKPOINT_AROUND]),
     # The peer: unsloth on the same job (bench/gpu/unsloth_job.py, its own bundle: build_unsloth_bundle.sh),
     # padding-free as it runs on an H200 by default, and padded in 4 micro-batches of 16 rows.
     "unsloth": ("unsloth", None, []),
@@ -252,11 +247,7 @@ def run_variant(work: Path, steps: int, result: Path, device: str, spec_path: Pa
 
         # Registered with transformers when the model loads, under this module-level name.
         modeling.varlen_attention = torch.compiler.disable(modeling.varlen_attention)
-    if CHECKPOINT_AROUND in extra:
-        from ray_sft import execution
-
-        execution.checkpoint_in_graph = lambda layers: None
-    extra = [e for e in extra if e not in (EAGER_RNG, EAGER_ATTENTION, IN_THREAD, CHECKPOINT_AROUND)]
+    extra = [e for e in extra if e not in (EAGER_RNG, EAGER_ATTENTION, IN_THREAD)]
 
     job = spec.load(spec_path, overrides(work, steps, result.stem, device) + extra)
     tokenizer = modeling.load_tokenizer(str(work / "model"), job.model)
