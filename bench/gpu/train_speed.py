@@ -54,6 +54,13 @@ EAGER_ATTENTION = "bench.eager_attention=true"
 # Not a spec field: the plain process trains in a thread of its own, as Ray Train runs a train function (its
 # TrainingThread), not in the main thread. Is a thread what makes the Ray worker's step slower?
 IN_THREAD = "bench.in_thread=true"
+# Not spec fields either: each compiled layer's gradient checkpointing traced into its graph, as transformers 5.24
+# does inside a layer's forward (5.17, the device's, checkpoints around the compiled call, so the backward calls
+# each layer again from Python). On the device's torch 2.11 inductor's partitioner failed on it (bench/RESULTS.md,
+# "Stop 30"); the second switch makes the partitioner replay the dropout masks' generator state the older,
+# non-graph-safe way, the suspect.
+TRACED_CHECKPOINT = "bench.traced_checkpoint=true"
+NO_GRAPHSAFE_RNG = "bench.graphsafe_rng=false"
 # fp32 compute and fp32 trainable weights (flash attention is half-precision only, so sdpa over the packed rows):
 # the recipe's arithmetic without bf16 rounding, the reference for which bf16 loss curve is the faithful one.
 FP32 = ["training.bf16=false", "quantization.compute_dtype=float32", "model.attn_implementation=sdpa"]
@@ -90,6 +97,9 @@ CONFIGS = {
     "plain-fast-dense": ("plain", FAST_SPEC, DENSE),
     "plain-fast-compiled-dense": ("plain", FAST_SPEC, COMPILED + DENSE),
     "ray-fast-compiled-dense": ("ray", FAST_SPEC, COMPILED + DENSE),
+    "plain-fast-compiled-dense-traced": ("plain", FAST_SPEC, COMPILED + DENSE + [TRACED_CHECKPOINT]),
+    "plain-fast-compiled-dense-traced-nographsafe": ("plain", FAST_SPEC,
+                                                     COMPILED + DENSE + [TRACED_CHECKPOINT, NO_GRAPHSAFE_RNG]),
     # The peer: unsloth on the same job (bench/gpu/unsloth_job.py, its own bundle: build_unsloth_bundle.sh),
     # padding-free as it runs on an H200 by default, and padded in 4 micro-batches of 16 rows.
     "unsloth": ("unsloth", None, []),
@@ -247,7 +257,14 @@ def run_variant(work: Path, steps: int, result: Path, device: str, spec_path: Pa
 
         # Registered with transformers when the model loads, under this module-level name.
         modeling.varlen_attention = torch.compiler.disable(modeling.varlen_attention)
-    extra = [e for e in extra if e not in (EAGER_RNG, EAGER_ATTENTION, IN_THREAD)]
+    if TRACED_CHECKPOINT in extra:
+        compile_layers = train.compile_layers
+        train.compile_layers = lambda model: compile_layers(trace_checkpoints(model))
+    if NO_GRAPHSAFE_RNG in extra:
+        import torch._functorch.config
+
+        torch._functorch.config.graphsafe_rng_functionalization = False
+    extra = [e for e in extra if e not in (EAGER_RNG, EAGER_ATTENTION, IN_THREAD, TRACED_CHECKPOINT, NO_GRAPHSAFE_RNG)]
 
     job = spec.load(spec_path, overrides(work, steps, result.stem, device) + extra)
     tokenizer = modeling.load_tokenizer(str(work / "model"), job.model)
@@ -258,6 +275,27 @@ def run_variant(work: Path, steps: int, result: Path, device: str, spec_path: Pa
     trainer.args.save_strategy = "no"
     trainer.train()
     write_result(result, records, peak_gib(device))
+
+
+def trace_checkpoints(model):
+    """Move each checkpointed decoder layer's checkpointing from around its call into its forward (what
+    transformers 5.24 does), so that torch.compile traces it; returns the model."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
+        if not layer.gradient_checkpointing:
+            continue
+        layer.gradient_checkpointing = False  # transformers' own wrapper now passes straight through
+
+        def checkpointed(*args, _layer=layer, _forward=layer.forward, **kwargs):
+            if _layer.training and torch.is_grad_enabled():
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        layer.forward = checkpointed
+    return model
 
 
 def in_thread(fn) -> None:
