@@ -5,6 +5,7 @@ bench's synthetic model, forward and backward through ray_sft's trainer, once pe
 
     python3 bench/gpu/compile_check.py --out $OUT [--autocast]                 # on the H200, about 2 minutes
     python3 bench/gpu/compile_check.py --out /tmp/o --tiny --device cpu --backend aot_eager   # CPU dry run
+    python3 bench/gpu/compile_check.py --out $OUT --dropout-only --traced-checkpoint [--no-graphsafe-rng]
 
 (1) LoRA dropout off: the compiled layers against the eager ones, at the same weights, on each of the four
     batches; eager run twice gives the noise floor (bf16 and non-deterministic backward kernels).
@@ -153,6 +154,38 @@ def set_compiled(layers, compiled: bool, backend: str) -> None:
             layer._compiled_call_impl = None  # back to the eager forward
 
 
+def dropout_cases(trainer, layers, inputs, args, record) -> None:
+    """(2): with LoRA dropout, a checkpointed step's gradients against the unchecked step's at the same seed, in each
+    mode. A recompute that draws new masks differentiates another function than the forward: far apart."""
+    import torch._dynamo
+
+    set_dropout(trainer.model, 0.05)
+    for compiled_mode in (True, False):
+        set_compiled(layers, compiled_mode, args.backend)
+        ckpt_loss, ckpt = step_gradients(trainer, inputs, 1)
+        trainer.model.gradient_checkpointing_disable()
+        plain_loss, plain = step_gradients(trainer, inputs, 1)
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        name = "compiled" if compiled_mode else "eager"
+        record(f"dropout_{name}_checkpointed_vs_not", {"losses": [ckpt_loss, plain_loss], **distance(ckpt, plain)})
+    if args.traced_checkpoint:
+        from train_speed import trace_checkpoints
+
+        torch._dynamo.reset()
+        trace_checkpoints(trainer.model)
+        set_compiled(layers, True, args.backend)
+        ckpt_loss, ckpt = step_gradients(trainer, inputs, 1)
+        for layer in layers:
+            del layer.forward  # the class's forward; transformers' own checkpointing stays off
+        torch._dynamo.reset()
+        set_compiled(layers, True, args.backend)
+        plain_loss, plain = step_gradients(trainer, inputs, 1)
+        record("dropout_compiled_traced_checkpoint_vs_not", {"losses": [ckpt_loss, plain_loss],
+                                                            "graphsafe_rng": not args.no_graphsafe_rng,
+                                                            **distance(ckpt, plain)})
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -161,7 +194,16 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU: dry-run the script")
     parser.add_argument("--autocast", action="store_true", help="forward under bf16 autocast, as the Trainer's")
+    parser.add_argument("--dropout-only", action="store_true", help="only (2), the dropout masks' recompute")
+    parser.add_argument("--traced-checkpoint", action="store_true",
+                        help="(2) also with the checkpoint traced into the compiled layers (train_speed's switch)")
+    parser.add_argument("--no-graphsafe-rng", action="store_true",
+                        help="torch._functorch.config.graphsafe_rng_functionalization = False")
     args = parser.parse_args()
+    if args.no_graphsafe_rng:
+        import torch._functorch.config
+
+        torch._functorch.config.graphsafe_rng_functionalization = False
     global AUTOCAST
     AUTOCAST = args.autocast
     started = time.monotonic()
@@ -196,6 +238,8 @@ def main() -> None:
         (args.out / "compile_check.json").write_text(json.dumps(report, indent=1))
         print(f"[{report['wall_s']:6.1f}s] {name}: {value}", flush=True)
 
+    if args.dropout_only:
+        return dropout_cases(trainer, layers, inputs, args, record)
     set_dropout(trainer.model, 0.0)
     eager_runs = [step_gradients(trainer, batch, 0) for batch in batches]
     eager_loss, eager = eager_runs[0]
@@ -248,15 +292,7 @@ def main() -> None:
             for name, pairs in changes.items()})
     del reference
 
-    set_dropout(trainer.model, 0.05)
-    for compiled_mode in (True, False):
-        set_compiled(layers, compiled_mode, args.backend)
-        ckpt_loss, ckpt = step_gradients(trainer, inputs, 1)
-        trainer.model.gradient_checkpointing_disable()
-        plain_loss, plain = step_gradients(trainer, inputs, 1)
-        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        name = "compiled" if compiled_mode else "eager"
-        record(f"dropout_{name}_checkpointed_vs_not", {"losses": [ckpt_loss, plain_loss], **distance(ckpt, plain)})
+    dropout_cases(trainer, layers, inputs, args, record)
 
     if args.backend == "inductor":
         import torch._dynamo
