@@ -10,15 +10,6 @@ from ray_sft import data, execution, modeling, train
 from tests.conftest import quick_spec
 
 
-@pytest.fixture(autouse=True)
-def default_activation_memory_budget():
-    """Each test starts from torch's default, as a training process does (checkpoint_in_graph changes it)."""
-    import torch._functorch.config
-
-    with torch._functorch.config.patch(activation_memory_budget=1.0):
-        yield
-
-
 def _decoder_layers_compiled_at_train_begin(tmp_path, model_path, setting: str, steps: int) -> list[bool]:
     job = quick_spec(tmp_path, f"training.compile={setting}", "data.max_rows=16", "data.eval_rows=0")
     trainer = _trainer(job, model_path, tmp_path)
@@ -66,8 +57,7 @@ def _trainer_compiling(tmp_path, model_path, monkeypatch, compiled: bool, *overr
 
     aot_eager: Dynamo's graph capture and AOTAutograd's forward/backward, as on CUDA, without inductor's code
     generation (minutes of C++ compiling on 2 cores); CUDA runs inductor on the same graphs. It splits them without
-    inductor's partitioner, which decides what a checkpointed layer recomputes: aot_eager_decomp_partition has it
-    (and inductor's decompositions, which round differently from eager).
+    inductor's partitioner, which decides what a checkpointed layer recomputes (_one_step splits with it).
     """
     import torch
 
@@ -132,7 +122,6 @@ def _one_step(tmp_path, model_path, monkeypatch, checkpointing: bool, compiled: 
     """One training step with LoRA dropout: the bytes of the activations it keeps for its backward (each storage
     counted once; the weights, which every configuration keeps, left out) and the graphs it ran if compiled."""
     import torch
-    import torch._functorch.config
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
     from torch._inductor.decomposition import select_decomp_table
@@ -148,10 +137,9 @@ def _one_step(tmp_path, model_path, monkeypatch, checkpointing: bool, compiled: 
     # aot_eager_decomp_partition's parts (inductor's decompositions and partitioner), graphs kept for a look.
     backend = aot_autograd(fw_compiler=kept(graphs.forward), bw_compiler=kept(graphs.backward),
                            partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())
-    torch._functorch.config.activation_memory_budget = 1.0  # as a new process has it; the fixture restores it
     trainer = _trainer_compiling(tmp_path, model_path, monkeypatch, compiled, "training.max_steps=1",
-                                    "lora.dropout=0.1", f"training.gradient_checkpointing={str(checkpointing).lower()}",
-                                    backend=backend)
+                                 "lora.dropout=0.1", f"training.gradient_checkpointing={str(checkpointing).lower()}",
+                                 backend=backend)
     weights = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
     storages = {}
 
@@ -183,6 +171,9 @@ def _replays_random_numbers(graph) -> bool:
 
 def test_a_compiled_checkpointed_layer_stays_checkpointed_and_replays_its_dropout_masks(tmp_path, tiny_model_path,
                                                                                       monkeypatch):
+    """transformers 5.24 (the pinned one) checkpoints inside each layer's forward, so Dynamo traces the checkpoint
+    and inductor's partitioner decides what the compiled backward recomputes. (5.17 checkpoints around the compiled
+    call; torch's eager checkpointing then restores the generator itself.)"""
     checkpointed = _one_step(tmp_path / "checkpointed", tiny_model_path, monkeypatch, True, compiled=True)
     unchecked = _one_step(tmp_path / "unchecked", tiny_model_path, monkeypatch, False, compiled=False)
     # Checkpointed, a compiled layer keeps its inputs (here 12% of what an eager step keeps without checkpointing),
