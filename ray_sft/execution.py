@@ -36,11 +36,8 @@ def compile_layers(model, backend: str = "inductor") -> int:
     Compiling layer by layer (not the whole model) keeps the graph small: all layers run the same code, so they
     share one compiled graph, and the parts outside them (embeddings with NEFTune's hook, the LM head and loss)
     stay as they are. A packed step's length changes every step, so the graph is compiled once with dynamic sizes
-    (the weights' shapes stay static) instead of once per length. transformers 5.17 checkpoints around the
-    compiled call, so the recompute in backward runs the compiled graph again; 5.24 checkpoints inside the layer's
-    forward, which Dynamo traces, and the compiled backward recomputes the layer itself, replaying the forward's
-    dropout masks. (Asking inductor's partitioner to recompute instead, with an activation memory budget of 0,
-    redraws them: bench/RESULTS.md, "Stop 30".)
+    (the weights' shapes stay static) instead of once per length. A checkpointed layer is checkpointed around its
+    compiled call (checkpoint_around_compiled_call).
     """
     import torch._inductor.config
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -53,7 +50,34 @@ def compile_layers(model, backend: str = "inductor") -> int:
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
         layer.compile(backend=backend, dynamic=True)
+        if layer.gradient_checkpointing:
+            checkpoint_around_compiled_call(layer)
     return len(layers)
+
+
+def checkpoint_around_compiled_call(layer) -> None:
+    """Checkpoint a compiled layer around its compiled call, whichever way transformers checkpoints it.
+
+    transformers 5.17 checkpoints around the layer's call: the backward runs the compiled graph again under torch's
+    checkpointing, which restores the random generator first, so the recompute draws the forward's dropout masks.
+    The H200 figures measure that. 5.24 checkpoints inside the layer's forward instead, which Dynamo then traces
+    into the graph, and on the H200's torch 2.11 inductor's partitioner failed on such a graph (bench/RESULTS.md,
+    "Stop 30"). So the layer's own checkpointing is turned off and torch's wraps the compiled call on either one.
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from ray_sft.couplings import require
+
+    compiled = require("torch", layer, "_compiled_call_impl")
+    layer.gradient_checkpointing = False
+
+    def checkpointed_call(*args, **kwargs):
+        if layer.training and torch.is_grad_enabled():
+            return checkpoint(compiled, *args, use_reentrant=False, **kwargs)
+        return compiled(*args, **kwargs)
+
+    layer._compiled_call_impl = checkpointed_call
 
 
 def compile_seconds() -> float:

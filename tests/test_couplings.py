@@ -18,6 +18,7 @@ PRIVATE_NAMES = [
     ("torch", "torch.nn.attention.varlen", "varlen_attn", ()),  # modeling: varlen attention
     ("torch", "torch._inductor.config", "emulate_precision_casts", ()),  # execution.compile_layers: eager rounding
     ("torch", "torch._dynamo.utils", "compile_times", ("repr", "aggregate")),  # execution.compile_seconds
+    ("torch", "torch.nn", "Module._compiled_call_impl", ()),  # execution.checkpoint_around_compiled_call
     ("ray", "ray._raylet", "AuthenticationTokenLoader.instance", ()),  # jobs: re-read the token
     ("ray", "ray.serve._private.constants", "SERVE_HTTP_REQUEST_TIMEOUT_S_HEADER", ()),  # replica: refused
     ("ray", "ray.serve._private.constants", "SERVE_HTTP_REQUEST_DISCONNECT_DISABLED_HEADER", ()),  # replica: refused
