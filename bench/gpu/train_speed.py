@@ -59,6 +59,10 @@ IN_THREAD = "bench.in_thread=true"
 # each layer again from Python). On the device's torch 2.11 inductor's partitioner failed on it (bench/RESULTS.md,
 # "Stop 30"); the second switch makes the partitioner replay the dropout masks' generator state the older,
 # non-graph-safe way, the suspect.
+# Not a spec field: the plain process with the two things a Ray Train worker has that it lacks, found by comparing
+# their environments: torch's intra-op threads set to the worker's CPUs (train.py does it in the worker; Ray sets
+# OMP_NUM_THREADS to them too) and the training in a thread of its own. Slower like Ray, or like plain?
+RAY_LIKE = "bench.ray_like=true"
 TRACED_CHECKPOINT = "bench.traced_checkpoint=true"
 NO_GRAPHSAFE_RNG = "bench.graphsafe_rng=false"
 # fp32 compute and fp32 trainable weights (flash attention is half-precision only, so sdpa over the packed rows):
@@ -97,6 +101,7 @@ CONFIGS = {
     "plain-fast-dense": ("plain", FAST_SPEC, DENSE),
     "plain-fast-compiled-dense": ("plain", FAST_SPEC, COMPILED + DENSE),
     "ray-fast-compiled-dense": ("ray", FAST_SPEC, COMPILED + DENSE),
+    "plain-fast-compiled-dense-raylike": ("plain", FAST_SPEC, COMPILED + DENSE + [RAY_LIKE]),
     "plain-fast-compiled-dense-traced": ("plain", FAST_SPEC, COMPILED + DENSE + [TRACED_CHECKPOINT]),
     "plain-fast-compiled-dense-traced-nographsafe": ("plain", FAST_SPEC,
                                                      COMPILED + DENSE + [TRACED_CHECKPOINT, NO_GRAPHSAFE_RNG]),
@@ -264,9 +269,15 @@ def run_variant(work: Path, steps: int, result: Path, device: str, spec_path: Pa
         import torch._functorch.config
 
         torch._functorch.config.graphsafe_rng_functionalization = False
-    extra = [e for e in extra if e not in (EAGER_RNG, EAGER_ATTENTION, IN_THREAD, TRACED_CHECKPOINT, NO_GRAPHSAFE_RNG)]
+    ray_like = RAY_LIKE in extra
+    extra = [e for e in extra
+             if e not in (EAGER_RNG, EAGER_ATTENTION, IN_THREAD, RAY_LIKE, TRACED_CHECKPOINT, NO_GRAPHSAFE_RNG)]
 
     job = spec.load(spec_path, overrides(work, steps, result.stem, device) + extra)
+    if ray_like:
+        import torch
+
+        torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))  # as train.py sets it in a worker
     tokenizer = modeling.load_tokenizer(str(work / "model"), job.model)
     examples = data.load_examples(job, tokenizer)
     records: list = []
@@ -662,7 +673,8 @@ def main() -> None:
     if args.one in ("variant", "variant-group"):
         variant = functools.partial(run_variant, args.work, args.steps, args.result, args.device, args.spec,
                                     args.extra, group=args.one == "variant-group")
-        return in_thread(variant) if IN_THREAD in args.extra else variant()
+        threaded = IN_THREAD in args.extra or RAY_LIKE in args.extra
+        return in_thread(variant) if threaded else variant()
 
     deadline = time.monotonic() + args.deadline
     started = time.monotonic()
