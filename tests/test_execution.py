@@ -57,7 +57,7 @@ def _trainer_compiling(tmp_path, model_path, monkeypatch, compiled: bool, *overr
 
     aot_eager: Dynamo's graph capture and AOTAutograd's forward/backward, as on CUDA, without inductor's code
     generation (minutes of C++ compiling on 2 cores); CUDA runs inductor on the same graphs. It splits them without
-    inductor's partitioner, which decides what a checkpointed layer recomputes (_one_step splits with it).
+    inductor's partitioner, which decides what a checkpointed layer recomputes (_one_compiled_step splits with it).
     """
     import torch
 
@@ -118,13 +118,14 @@ def test_training_on_the_dequantized_base_gives_the_4bit_runs_losses_and_weights
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
 
 
-def _one_step(tmp_path, model_path, monkeypatch, checkpointing: bool, compiled: bool) -> SimpleNamespace:
-    """One training step with LoRA dropout: the bytes of the activations it keeps for its backward (each storage
-    counted once; the weights, which every configuration keeps, left out) and its gradients."""
+def _one_compiled_step(tmp_path, model_path, monkeypatch, checkpointing: bool) -> SimpleNamespace:
+    """One training step of compiled layers with LoRA dropout: the bytes of the activations it keeps for its
+    backward (each storage counted once; the weights, which every configuration keeps, left out) and its
+    gradients."""
     import torch
     from transformers import TrainerCallback
 
-    trainer = _trainer_compiling(tmp_path, model_path, monkeypatch, compiled, "training.max_steps=1",
+    trainer = _trainer_compiling(tmp_path, model_path, monkeypatch, True, "training.max_steps=1",
                                  "lora.dropout=0.1", f"training.gradient_checkpointing={str(checkpointing).lower()}",
                                  backend="aot_eager_decomp_partition")  # with inductor's partitioner
     gradients = {}
@@ -149,8 +150,8 @@ def _one_step(tmp_path, model_path, monkeypatch, checkpointing: bool, compiled: 
 
 def test_a_compiled_checkpointed_layer_stays_checkpointed_and_recomputes_with_the_forwards_dropout_masks(
         tmp_path, tiny_model_path, monkeypatch):
-    checkpointed = _one_step(tmp_path / "checkpointed", tiny_model_path, monkeypatch, True, compiled=True)
-    unchecked = _one_step(tmp_path / "unchecked", tiny_model_path, monkeypatch, False, compiled=True)
+    checkpointed = _one_compiled_step(tmp_path / "checkpointed", tiny_model_path, monkeypatch, checkpointing=True)
+    unchecked = _one_compiled_step(tmp_path / "unchecked", tiny_model_path, monkeypatch, checkpointing=False)
     # Checkpointed, a compiled layer keeps only its inputs.
     assert checkpointed.saved_bytes < 0.25 * unchecked.saved_bytes
     # The same seed, so the same masks in both forwards; a recompute that drew new ones would differentiate another
