@@ -99,6 +99,7 @@ CONFIGS = {
     # The frozen 4-bit weights dequantized once (training.dequantize_base): bitsandbytes' per-matmul Python and
     # dequantize kernels leave the host-bound step; the same numbers, about 2 GiB more for this model.
     "plain-fast-dense": ("plain", FAST_SPEC, DENSE),
+    "ray-fast-dense": ("ray", FAST_SPEC, DENSE),
     "plain-fast-compiled-dense": ("plain", FAST_SPEC, COMPILED + DENSE),
     "ray-fast-compiled-dense": ("ray", FAST_SPEC, COMPILED + DENSE),
     "plain-fast-compiled-dense-raylike": ("plain", FAST_SPEC, COMPILED + DENSE + [RAY_LIKE]),
