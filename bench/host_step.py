@@ -1,6 +1,6 @@
 """Host time per optimizer step: the 4-bit base against `training.dequantize_base`, on CPU.
 
-    .venv/bin/python bench/host_step.py [--repeats 3] [--steps 14] [--compiled]
+    .venv/bin/python bench/host_step.py [--repeats 3] [--steps 14] [--compiled] [--thread]
 
 On an H200 the fast step is bound by the host issuing kernels (bench/RESULTS.md, "Stop 28"): what the step costs in
 Python and dispatch sets its speed. This measures that cost where it can be measured without a GPU: the tiny model
@@ -9,6 +9,9 @@ host work) but 64 wide, rows cut to 8 tokens, one torch thread, so the arithmeti
 The step is the fast spec's: 64 rows in one padding-free pass, gradient checkpointing, LoRA on all linear layers
 with embed_tokens. Each configuration runs --repeats times, interleaved, each in its own process; a run's figure is
 the median gap between optimizer steps after 4 warm-up steps. The GPU's own figure is bench/gpu/train_speed.py's.
+
+--thread compares the dequantized base trained in the main thread with the same trained in a thread of its own, as
+Ray Train runs a train function: is Python slower outside the main thread?
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "quickstart.yaml"
 LAYERS, WIDTH = 24, 64
 WARMUP = 4
-CONFIGS = {"4-bit base": [], "dequantize_base": ["training.dequantize_base=true"]}
+DENSE = "training.dequantize_base=true"
+IN_THREAD = "in a thread"  # not a spec override: one_run trains in a thread of its own
+CONFIGS = {"4-bit base": [], "dequantize_base": [DENSE]}
+THREAD_CONFIGS = {"main thread": [DENSE], "own thread": [DENSE, IN_THREAD]}
 
 
 def build_model(out: Path) -> Path:
@@ -55,6 +62,8 @@ def one_run(model: Path, steps: int, compiled: bool, extra: list[str], result: P
     from ray_sft import data, modeling, spec, train
 
     torch.set_num_threads(1)
+    threaded = IN_THREAD in extra
+    extra = [e for e in extra if e != IN_THREAD]
     job = spec.load(JOB, [
         f"model.name_or_path={model}", "data.max_rows=1000", "data.eval_rows=0", "data.on_bad_rows=truncate",
         "training.max_length=8", "training.per_device_batch_size=4", "training.gradient_accumulation_steps=16",
@@ -72,7 +81,12 @@ def one_run(model: Path, steps: int, compiled: bool, extra: list[str], result: P
     with tempfile.TemporaryDirectory() as out:
         trainer = train.build_trainer(job, str(model), tokenizer, rows, [], "cpu", out, callbacks=[StepEnds()])
         trainer.args.save_strategy = "no"
-        trainer.train()
+        if threaded:
+            thread = threading.Thread(target=trainer.train, name="TrainingThread")
+            thread.start()
+            thread.join()
+        else:
+            trainer.train()
     gaps = [b - a for a, b in zip(ends[WARMUP:], ends[WARMUP + 1:])]
     result.write_text(json.dumps({"s_per_step": statistics.median(gaps), "steps": len(gaps)}))
 
@@ -82,28 +96,32 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--compiled", action="store_true", help="training.compile=true (inductor on CPU)")
+    parser.add_argument("--thread", action="store_true", help="main thread against a thread of its own")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    configs = THREAD_CONFIGS if args.thread else CONFIGS
     if args.one:
-        return one_run(args.model, args.steps, args.compiled, CONFIGS[args.one], args.result)
+        return one_run(args.model, args.steps, args.compiled, configs[args.one], args.result)
 
-    runs: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    runs: dict[str, list[float]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as work:
         model = build_model(Path(work) / "model")
         for _ in range(args.repeats):  # interleaved: a b a b ...
-            for name in CONFIGS:
+            for name in configs:
                 result = Path(work) / "result.json"
                 command = [sys.executable, __file__, "--one", name, "--model", str(model), "--result", str(result),
-                           "--steps", str(args.steps), *(["--compiled"] if args.compiled else [])]
+                           "--steps", str(args.steps), *(["--compiled"] if args.compiled else []),
+                           *(["--thread"] if args.thread else [])]
                 subprocess.run(command, check=True, capture_output=True)
                 runs[name].append(json.loads(result.read_text())["s_per_step"])
                 print(f"{name}: {runs[name][-1] * 1e3:.0f} ms/step", flush=True)
-    base = statistics.median(runs["4-bit base"])
+    first = next(iter(configs))
+    base = statistics.median(runs[first])
     print(f"\n{LAYERS} layers x {WIDTH} wide, 64 rows of 8 tokens per step, {'compiled' if args.compiled else 'eager'}, "
           f"{args.repeats} runs each, interleaved")
-    print("| config | ms per step, median (min-max) | vs 4-bit base |\n|---|---|---:|")
+    print(f"| config | ms per step, median (min-max) | vs {first} |\n|---|---|---:|")
     for name, values in runs.items():
         median = statistics.median(values)
         print(f"| {name} | {median * 1e3:.0f} ({min(values) * 1e3:.0f}-{max(values) * 1e3:.0f}) | "

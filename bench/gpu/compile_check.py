@@ -5,7 +5,7 @@ bench's synthetic model, forward and backward through ray_sft's trainer, once pe
 
     python3 bench/gpu/compile_check.py --out $OUT [--autocast]                 # on the H200, about 2 minutes
     python3 bench/gpu/compile_check.py --out /tmp/o --tiny --device cpu --backend aot_eager   # CPU dry run
-    python3 bench/gpu/compile_check.py --out $OUT --dropout-only --traced-checkpoint [--no-graphsafe-rng]
+    python3 bench/gpu/compile_check.py --out $OUT --dropout-only --traced-checkpoint
 
 (1) LoRA dropout off: the compiled layers against the eager ones, at the same weights, on each of the four
     batches; eager run twice gives the noise floor (bf16 and non-deterministic backward kernels).
@@ -181,7 +181,6 @@ def dropout_cases(trainer, layers, inputs, args, record) -> None:
         set_compiled(layers, True, args.backend)
         plain_loss, plain = step_gradients(trainer, inputs, 1)
         record("dropout_compiled_traced_checkpoint_vs_not", {"losses": [ckpt_loss, plain_loss],
-                                                            "graphsafe_rng": not args.no_graphsafe_rng,
                                                             **distance(ckpt, plain)})
         trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -197,13 +196,7 @@ def main() -> None:
     parser.add_argument("--dropout-only", action="store_true", help="only (2), the dropout masks' recompute")
     parser.add_argument("--traced-checkpoint", action="store_true",
                         help="(2) also with the checkpoint traced into the compiled layers (train_speed's switch)")
-    parser.add_argument("--no-graphsafe-rng", action="store_true",
-                        help="torch._functorch.config.graphsafe_rng_functionalization = False")
     args = parser.parse_args()
-    if args.no_graphsafe_rng:
-        import torch._functorch.config
-
-        torch._functorch.config.graphsafe_rng_functionalization = False
     global AUTOCAST
     AUTOCAST = args.autocast
     started = time.monotonic()

@@ -54,17 +54,16 @@ EAGER_ATTENTION = "bench.eager_attention=true"
 # Not a spec field: the plain process trains in a thread of its own, as Ray Train runs a train function (its
 # TrainingThread), not in the main thread. Is a thread what makes the Ray worker's step slower?
 IN_THREAD = "bench.in_thread=true"
-# Not spec fields either: each compiled layer's gradient checkpointing traced into its graph, as transformers 5.24
+# Not a spec field: torch's intra-op threads set to the worker's CPUs in the plain process, as train.py sets them in
+# a Ray Train worker (where Ray sets OMP_NUM_THREADS to them too); the plain process keeps one per core. With
+# IN_THREAD, the two things a Ray Train worker has that a plain process lacks (comparing their environments):
+# stop 31's plain process with both was as much slower than plain as `ray-sft train` was. Which of the two is it?
+RAY_THREADS = "bench.ray_threads=true"
+# Not a spec field either: each compiled layer's gradient checkpointing traced into its graph, as transformers 5.24
 # does inside a layer's forward (5.17, the device's, checkpoints around the compiled call, so the backward calls
-# each layer again from Python). On the device's torch 2.11 inductor's partitioner failed on it (bench/RESULTS.md,
-# "Stop 30"); the second switch makes the partitioner replay the dropout masks' generator state the older,
-# non-graph-safe way, the suspect.
-# Not a spec field: the plain process with the two things a Ray Train worker has that it lacks, found by comparing
-# their environments: torch's intra-op threads set to the worker's CPUs (train.py does it in the worker; Ray sets
-# OMP_NUM_THREADS to them too) and the training in a thread of its own. Slower like Ray, or like plain?
-RAY_LIKE = "bench.ray_like=true"
+# each layer again from Python). On the device's torch 2.11 inductor's partitioner fails on it, with graph-safe
+# RNG functionalization on or off (bench/RESULTS.md, "Stop 30" and "Stop 31"): the first check on a newer torch.
 TRACED_CHECKPOINT = "bench.traced_checkpoint=true"
-NO_GRAPHSAFE_RNG = "bench.graphsafe_rng=false"
 # fp32 compute and fp32 trainable weights (flash attention is half-precision only, so sdpa over the packed rows):
 # the recipe's arithmetic without bf16 rounding, the reference for which bf16 loss curve is the faithful one.
 FP32 = ["training.bf16=false", "quantization.compute_dtype=float32", "model.attn_implementation=sdpa"]
@@ -102,10 +101,10 @@ CONFIGS = {
     "ray-fast-dense": ("ray", FAST_SPEC, DENSE),
     "plain-fast-compiled-dense": ("plain", FAST_SPEC, COMPILED + DENSE),
     "ray-fast-compiled-dense": ("ray", FAST_SPEC, COMPILED + DENSE),
-    "plain-fast-compiled-dense-raylike": ("plain", FAST_SPEC, COMPILED + DENSE + [RAY_LIKE]),
+    "plain-fast-compiled-dense-raylike": ("plain", FAST_SPEC, COMPILED + DENSE + [RAY_THREADS, IN_THREAD]),
+    "plain-fast-compiled-dense-threads": ("plain", FAST_SPEC, COMPILED + DENSE + [RAY_THREADS]),
+    "plain-fast-compiled-dense-thread": ("plain", FAST_SPEC, COMPILED + DENSE + [IN_THREAD]),
     "plain-fast-compiled-dense-traced": ("plain", FAST_SPEC, COMPILED + DENSE + [TRACED_CHECKPOINT]),
-    "plain-fast-compiled-dense-traced-nographsafe": ("plain", FAST_SPEC,
-                                                     COMPILED + DENSE + [TRACED_CHECKPOINT, NO_GRAPHSAFE_RNG]),
     # The peer: unsloth on the same job (bench/gpu/unsloth_job.py, its own bundle: build_unsloth_bundle.sh),
     # padding-free as it runs on an H200 by default, and padded in 4 micro-batches of 16 rows.
     "unsloth": ("unsloth", None, []),
@@ -266,16 +265,11 @@ def run_variant(work: Path, steps: int, result: Path, device: str, spec_path: Pa
     if TRACED_CHECKPOINT in extra:
         compile_layers = train.compile_layers
         train.compile_layers = lambda model: compile_layers(trace_checkpoints(model))
-    if NO_GRAPHSAFE_RNG in extra:
-        import torch._functorch.config
-
-        torch._functorch.config.graphsafe_rng_functionalization = False
-    ray_like = RAY_LIKE in extra
-    extra = [e for e in extra
-             if e not in (EAGER_RNG, EAGER_ATTENTION, IN_THREAD, RAY_LIKE, TRACED_CHECKPOINT, NO_GRAPHSAFE_RNG)]
+    ray_threads = RAY_THREADS in extra
+    extra = [e for e in extra if e not in (EAGER_RNG, EAGER_ATTENTION, IN_THREAD, RAY_THREADS, TRACED_CHECKPOINT)]
 
     job = spec.load(spec_path, overrides(work, steps, result.stem, device) + extra)
-    if ray_like:
+    if ray_threads:
         import torch
 
         torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))  # as train.py sets it in a worker
@@ -674,8 +668,7 @@ def main() -> None:
     if args.one in ("variant", "variant-group"):
         variant = functools.partial(run_variant, args.work, args.steps, args.result, args.device, args.spec,
                                     args.extra, group=args.one == "variant-group")
-        threaded = IN_THREAD in args.extra or RAY_LIKE in args.extra
-        return in_thread(variant) if threaded else variant()
+        return in_thread(variant) if IN_THREAD in args.extra else variant()
 
     deadline = time.monotonic() + args.deadline
     started = time.monotonic()
