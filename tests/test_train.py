@@ -138,7 +138,10 @@ def test_worker_crash_recovers_from_latest_checkpoint(ray_cluster, tmp_path):
 @pytest.mark.slow
 def test_crash_without_retries_fails_keeps_checkpoints_and_resume_continues(ray_cluster, tmp_path):
     # One worker: what fails and resumes here is the run, not a worker group (the test above restarts one of two).
-    job = quick_spec(tmp_path, *FAST, "scaling.max_failures=0", "scaling.num_workers=1")
+    # On the dequantized base, as the fast spec trains: the resumed worker loads the 4-bit base and dequantizes it
+    # again.
+    job = quick_spec(tmp_path, *FAST, "scaling.max_failures=0", "scaling.num_workers=1",
+                     "training.dequantize_base=true")
     with pytest.raises(train.TrainError, match="(?s)training failed.*--resume"):
         train.fit(job, crash=train.InjectedCrash(rank=0, step=3))
     checkpoints = [p for p in sorted(Path(job.storage_path).glob("*/checkpoint_*")) if p.is_dir()]
@@ -150,6 +153,7 @@ def test_crash_without_retries_fails_keeps_checkpoints_and_resume_continues(ray_
     steps = [r["step"] for r in run_files.read_metrics(outcome.run_dir) if "loss" in r]
     assert steps == [1, 2, 3, 4]  # resumed after step 2, not restarted at 1
     assert (outcome.adapter_dir / "adapter_model.safetensors").is_file()
+    assert [audit["cpu_repack_disabled"] for audit in _audits(outcome.run_dir)] == [[0, 0]]  # no 4-bit layer left
 
 
 def test_more_workers_than_the_cluster_has_fails_fast(ray_cluster, tmp_path):
