@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -82,9 +81,10 @@ def one_run(model: Path, steps: int, compiled: bool, extra: list[str], result: P
         trainer = train.build_trainer(job, str(model), tokenizer, rows, [], "cpu", out, callbacks=[StepEnds()])
         trainer.args.save_strategy = "no"
         if threaded:
-            thread = threading.Thread(target=trainer.train, name="TrainingThread")
-            thread.start()
-            thread.join()
+            sys.path.insert(0, str(REPO / "bench" / "gpu"))
+            from train_speed import in_thread  # one helper for both benches: raises what the thread raised
+
+            in_thread(trainer.train)
         else:
             trainer.train()
     gaps = [b - a for a, b in zip(ends[WARMUP:], ends[WARMUP + 1:])]

@@ -57,7 +57,8 @@ IN_THREAD = "bench.in_thread=true"
 # Not a spec field: torch's intra-op threads set to the worker's CPUs in the plain process, as train.py sets them in
 # a Ray Train worker (where Ray sets OMP_NUM_THREADS to them too); the plain process keeps one per core. With
 # IN_THREAD, the two things a Ray Train worker has that a plain process lacks (comparing their environments):
-# stop 31's plain process with both was as much slower than plain as `ray-sft train` was. Which of the two is it?
+# stop 31's plain process with both was as much slower than plain as `ray-sft train` was (ranges overlapping).
+# Which of the two is it, if either?
 RAY_THREADS = "bench.ray_threads=true"
 # Not a spec field either: each compiled layer's gradient checkpointing traced into its graph, as transformers 5.24
 # does inside a layer's forward (5.17, the device's, checkpoints around the compiled call, so the backward calls
