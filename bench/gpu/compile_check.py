@@ -1,7 +1,8 @@
 """Does `training.compile` compute the step the eager layers compute, on CUDA? Losses and gradients compared.
 
-The fast spec's first four steps' batches (64 packed rows, 4-bit base, LoRA, gradient checkpointing, varlen attention) on the
-bench's synthetic model, forward and backward through ray_sft's trainer, once per case:
+The fast spec's first four steps' batches (64 packed rows, its base: dequantized since stop 31, 4-bit before; LoRA,
+gradient checkpointing, varlen attention) on the bench's synthetic model, forward and backward through ray_sft's
+trainer, once per case:
 
     python3 bench/gpu/compile_check.py --out $OUT [--autocast]                 # on the H200, about 2 minutes
     python3 bench/gpu/compile_check.py --out /tmp/o --tiny --device cpu --backend aot_eager   # CPU dry run

@@ -44,6 +44,9 @@ TINY_SHAPE = dict(SHAPE, hidden_size=64, intermediate_size=128, num_hidden_layer
 ROWS = 1024
 COMPILED = ["training.compile=true"]
 DENSE = ["training.dequantize_base=true"]
+# The fast spec dequantizes its base since stop 31; before, every fast configuration trained on the 4-bit base.
+# The `-4bit` configurations re-run that base (bench/RESULTS.md: stops 22-31 name them without the suffix).
+FOUR_BIT = ["training.dequantize_base=false"]
 NO_DROPOUT = ["lora.dropout=0"]
 # Not a spec field: the bench process sets torch._inductor.config.fallback_random, so the compiled layers draw
 # dropout masks through eager's random ops and leave the generator where eager leaves it.
@@ -79,6 +82,10 @@ CONFIGS = {
     "ray-recipe": ("ray", RECIPE_SPEC, []),
     "plain-fast": ("plain", FAST_SPEC, []),
     "ray-fast": ("ray", FAST_SPEC, []),
+    "plain-fast-4bit": ("plain", FAST_SPEC, FOUR_BIT),
+    "ray-fast-4bit": ("ray", FAST_SPEC, FOUR_BIT),
+    "plain-fast-compiled-4bit": ("plain", FAST_SPEC, COMPILED + FOUR_BIT),
+    "ray-fast-compiled-4bit": ("ray", FAST_SPEC, COMPILED + FOUR_BIT),
     # The plain process inside a one-rank process group with torchrun's variables, as Ray Train sets up a single
     # worker (before train.leave_single_rank_group): what the group alone costs.
     "plain-fast-group": ("plain-group", FAST_SPEC, []),
@@ -97,7 +104,8 @@ CONFIGS = {
     "plain-fast-compiled-fp32": ("plain", FAST_SPEC, COMPILED + FP32),
     "plain-fast-compiled-thread": ("plain", FAST_SPEC, COMPILED + [IN_THREAD]),
     # The frozen 4-bit weights dequantized once (training.dequantize_base): bitsandbytes' per-matmul Python and
-    # dequantize kernels leave the host-bound step; the same numbers, about 2 GiB more for this model.
+    # dequantize kernels leave the host-bound step; the same numbers, about 2 GiB more for this model. Since the fast
+    # spec sets it (stop 31) these equal the configurations without `-dense`; the names stay for stops 30-31's commands.
     "plain-fast-dense": ("plain", FAST_SPEC, DENSE),
     "ray-fast-dense": ("ray", FAST_SPEC, DENSE),
     "plain-fast-compiled-dense": ("plain", FAST_SPEC, COMPILED + DENSE),
