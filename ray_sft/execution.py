@@ -18,15 +18,17 @@ def micro_batching(spec: JobSpec) -> tuple[int, int]:
     return micro, rows_per_step // micro
 
 
-# On the H200 the compile costs 55-75 s per process and saves about 0.16 s per fast-spec step, so it pays back after
-# about 400 optimizer steps (bench/RESULTS.md, "Stop 25"); the recipe's own job is 47 steps.
-COMPILE_PAYS_AFTER_STEPS = 400
+# Optimizer steps after which the compile pays back on the H200 (the recipe's own job is 47 steps). With bitsandbytes'
+# 4-bit layers it costs 55-75 s per process and saves about 0.16 s per fast-spec step: about 400 (bench/RESULTS.md,
+# "Stop 25"). On dense weights (the dequantized base; an unquantized one computes alike) it adds 32-47 s to a
+# process's warm-up and saves about 0.2 s a step: about 250 ("Stop 30", eager and compiled in one call).
+COMPILE_PAYS_AFTER_STEPS = {"4-bit": 400, "dense": 250}
 
 
-def compile_wanted(setting: bool | str, device_type: str, steps: int) -> bool:
+def compile_wanted(setting: bool | str, device_type: str, steps: int, four_bit_layers: bool) -> bool:
     """training.compile resolved for a run of `steps` optimizer steps: "auto" compiles on CUDA when it pays."""
     if setting == "auto":
-        return device_type == "cuda" and steps >= COMPILE_PAYS_AFTER_STEPS
+        return device_type == "cuda" and steps >= COMPILE_PAYS_AFTER_STEPS["4-bit" if four_bit_layers else "dense"]
     return bool(setting)
 
 

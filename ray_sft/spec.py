@@ -135,7 +135,8 @@ class TrainingSpec:
     padding_free: bool = True
     # torch.compile each decoder layer (one graph shared by all layers, any packed length) to fuse the LoRA,
     # norm, RoPE and activation element-wise work, rounding to bf16 where eager does (execution.compile_layers).
-    # "auto": on CUDA for runs long enough to pay back the compile (execution.COMPILE_PAYS_AFTER_STEPS).
+    # "auto": on CUDA for runs long enough to pay back the compile (execution.COMPILE_PAYS_AFTER_STEPS: sooner on
+    # dense weights than on bitsandbytes' 4-bit layers).
     compile: Union[bool, Literal["auto"]] = "auto"
     # Dequantize the frozen 4-bit weights once, at the start, and train against that copy in the compute dtype: the
     # same numbers as dequantizing in every matmul (the 4-bit values), for about 1.5 more bytes per base parameter

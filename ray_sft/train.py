@@ -203,7 +203,9 @@ def build_trainer(spec: JobSpec, model_path: str, tokenizer, train_rows: list[di
         log.info("training against a dequantized copy of %d 4-bit layers (training.dequantize_base)",
                  modeling.dequantize_base(trainer.model))
     if spec.training.compile:  # true or "auto": settled when training starts and its step count is known
-        trainer.add_callback(_compile_callback_class()(spec.training.compile, torch.device(device).type))
+        four_bit_layers = spec.quantization.load_in_4bit and not spec.training.dequantize_base
+        trainer.add_callback(_compile_callback_class()(spec.training.compile, torch.device(device).type,
+                                                       four_bit_layers))
     return trainer
 
 
@@ -213,11 +215,12 @@ def _compile_callback_class():
     class CompileLayers(TrainerCallback):
         """Compiles the decoder layers as training starts, when the run's optimizer steps are known."""
 
-        def __init__(self, setting, device_type: str):
-            self.setting, self.device_type, self.compiled = setting, device_type, False
+        def __init__(self, setting, device_type: str, four_bit_layers: bool):
+            self.setting, self.device_type, self.four_bit_layers = setting, device_type, four_bit_layers
+            self.compiled = False
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self.compiled = compile_wanted(self.setting, self.device_type, state.max_steps)
+            self.compiled = compile_wanted(self.setting, self.device_type, state.max_steps, self.four_bit_layers)
             if self.compiled:
                 log.info("compiling %d decoder layers for %d steps (training.compile: %s; the first steps include "
                          "the compile)", compile_layers(model), state.max_steps, self.setting)

@@ -34,15 +34,21 @@ def test_compile_auto_leaves_a_cpu_run_eager_however_long(tmp_path, tiny_model_p
     assert compiled and not any(compiled)
 
 
-@pytest.mark.parametrize("setting, device_type, steps, wanted", [
-    ("auto", "cuda", execution.COMPILE_PAYS_AFTER_STEPS, True),
-    ("auto", "cuda", execution.COMPILE_PAYS_AFTER_STEPS - 1, False),  # the recipe's 47 steps: eager
-    ("auto", "cpu", 10 * execution.COMPILE_PAYS_AFTER_STEPS, False),
-    (True, "cpu", 1, True),
-    (False, "cuda", 10 * execution.COMPILE_PAYS_AFTER_STEPS, False),
+FOUR_BIT, DENSE = execution.COMPILE_PAYS_AFTER_STEPS["4-bit"], execution.COMPILE_PAYS_AFTER_STEPS["dense"]
+
+
+@pytest.mark.parametrize("setting, device_type, steps, four_bit_layers, wanted", [
+    ("auto", "cuda", FOUR_BIT, True, True),
+    ("auto", "cuda", FOUR_BIT - 1, True, False),
+    ("auto", "cuda", DENSE, False, True),  # the dequantized base pays back sooner
+    ("auto", "cuda", DENSE - 1, False, False),
+    ("auto", "cuda", 47, False, False),  # the recipe's 47 steps: eager
+    ("auto", "cpu", 10 * FOUR_BIT, False, False),
+    (True, "cpu", 1, True, True),
+    (False, "cuda", 10 * FOUR_BIT, False, False),
 ])
-def test_compile_wanted(setting, device_type, steps, wanted):
-    assert execution.compile_wanted(setting, device_type, steps) is wanted
+def test_compile_wanted(setting, device_type, steps, four_bit_layers, wanted):
+    assert execution.compile_wanted(setting, device_type, steps, four_bit_layers) is wanted
 
 
 def _trainer(job, model_path, tmp_path):
