@@ -647,6 +647,18 @@ def profile(args, names: list[str], deadline: float) -> dict:
     return found
 
 
+def write_report(args, runs: dict, profiles: dict, started: float) -> dict:
+    summary = {name: {key: spread([r.get(key) for r in rs]) for key in ("tokens_per_s", "s_per_step", "gpu_busy")}
+               | {"peak_gib": max((r.get("peak_gib") or 0 for r in rs), default=None)}
+               for name, rs in runs.items()}
+    order = "interleaved" if args.gpus == 1 else f"rounds over {args.gpus} GPUs, rotating"
+    report = {"environment": environment(), "data": json.loads((args.work / "data_stats.json").read_text()),
+              "warmup_steps": args.warmup, "timed_steps": args.timed, "repeats": args.repeats, "order": order,
+              "summary": summary, "runs": runs, "profiles": profiles, "wall_s": time.monotonic() - started}
+    (args.out / "train_speed.json").write_text(json.dumps(report, indent=1))
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -702,25 +714,18 @@ def main() -> None:
         for index in range(args.repeats):  # interleaved: a b c a b c ...
             for name, r in rounds(args, names, index, deadline, busy):
                 runs[name].append(r)
+                write_report(args, runs, profiles, started)  # a call cut short keeps what it measured
                 print(f"{name} #{index}: " + (f"{r['tokens_per_s']:,.0f} tokens/s, {r['s_per_step']:.3f} s/step, "
                                               f"GPU {r['gpu']} busy {r['gpu_busy'] or 0:.0%}, "
                                               f"warm-up {r['warmup_s']:.0f}s"
                                               if r["tokens_per_s"] else f"failed (rc {r['rc']})"), flush=True)
-    summary = {name: {key: spread([r.get(key) for r in rs]) for key in ("tokens_per_s", "s_per_step", "gpu_busy")}
-               | {"peak_gib": max((r.get("peak_gib") or 0 for r in rs), default=None)}
-               for name, rs in runs.items()}
-    reference = "recipe" if "recipe" in names else names[0]
-    report = {"environment": environment(), "data": json.loads((args.work / "data_stats.json").read_text()),
-              "warmup_steps": args.warmup, "timed_steps": args.timed, "repeats": args.repeats,
-              "order": "interleaved" if args.gpus == 1 else f"rounds over {args.gpus} GPUs, rotating", "summary": summary, "runs": runs, "profiles": profiles,
-              "wall_s": time.monotonic() - started}
-    (args.out / "train_speed.json").write_text(json.dumps(report, indent=1))
+    summary = write_report(args, runs, profiles, started)
     # One file for every run's log tail: what comes back from the GPU machine is limited to a few files.
     with open(args.out / "train_speed_logs.txt", "w") as out:
         for log in sorted(args.work.glob("*.log")):
             out.write(f"===== {log.name}\n{log.read_text()[-4000:]}\n")
-    print(json.dumps(report["environment"]))
-    print(table(summary, reference))
+    print(json.dumps(environment()))
+    print(table(summary, "recipe" if "recipe" in runs else next(iter(runs))))
 
 
 if __name__ == "__main__":
