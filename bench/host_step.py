@@ -119,8 +119,9 @@ def main() -> None:
                 print(f"{name}: {runs[name][-1] * 1e3:.0f} ms/step", flush=True)
     first = next(iter(configs))
     base = statistics.median(runs[first])
-    print(f"\n{LAYERS} layers x {WIDTH} wide, 64 rows of 8 tokens per step, {'compiled' if args.compiled else 'eager'}, "
-          f"{args.repeats} runs each, interleaved")
+    step = "compiled" if args.compiled else "eager"
+    print(f"\n{LAYERS} layers x {WIDTH} wide, 64 rows of 8 tokens per step, {step}, {args.repeats} runs each, "
+          "interleaved")
     print(f"| config | ms per step, median (min-max) | vs {first} |\n|---|---|---:|")
     for name, values in runs.items():
         median = statistics.median(values)

@@ -62,8 +62,8 @@ class SlotCache:
     """A static KV cache of `slots` rows, each written at its own position.
 
     Duck-typed for transformers' decoder layers, which only call `update` when given a 4D mask and position ids.
-    `rows` (None: the first slots, as many as the forward has rows) and `starts` say where the next forward's keys go; `limit` (None: the whole
-    cache) is how many positions the forward attends over.
+    `rows` (None: the first slots, as many as the forward has rows) and `starts` say where the next forward's keys
+    go; `limit` (None: the whole cache) is how many positions the forward attends over.
     """
 
     is_compileable = True

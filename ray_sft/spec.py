@@ -381,7 +381,8 @@ def _cross_field_errors(spec: JobSpec) -> list[str]:
         errors.append(f"training.micro_batch_size: must be a multiple of training.per_device_batch_size "
                       f"({t.per_device_batch_size}) that divides the {rows_per_step} rows of an optimizer step")
     if t.dequantize_base and not spec.quantization.load_in_4bit:
-        errors.append("training.dequantize_base: needs quantization.load_in_4bit: true (there is nothing to dequantize)")
+        errors.append("training.dequantize_base: needs quantization.load_in_4bit: true "
+                      "(there is nothing to dequantize)")
     if spec.model.attn_implementation == "varlen" and not t.padding_free:
         errors.append("model.attn_implementation: varlen needs training.padding_free: true")
     if spec.serve.autoscaling.max_replicas < spec.serve.autoscaling.min_replicas:

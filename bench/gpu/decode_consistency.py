@@ -66,7 +66,8 @@ def margins(scores) -> dict:
     top2 = scores.topk(2, dim=-1).values
     gap = (top2[:, 0] - top2[:, 1]).sort().values
     return {"median": float(gap[len(gap) // 2]), "min": float(gap[0]),
-            "share_below_0.01": float((gap < 0.01).float().mean()), "share_below_0.05": float((gap < 0.05).float().mean())}
+            "share_below_0.01": float((gap < 0.01).float().mean()),
+            "share_below_0.05": float((gap < 0.05).float().mean())}
 
 
 def run_variant(variant: str, work: Path, device: str) -> dict:

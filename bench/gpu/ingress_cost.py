@@ -10,7 +10,8 @@ Each tree gets its own process, private Ray cluster and Serve instance on its ow
 other), with the model and adapter
 of serve_speed.py (same shape, 100 new tokens per answer), half the GPU each. Both stay up while the driver times
 one after the other: concurrency 1 (p50 latency over TIMED requests) and concurrency 32 (tokens/s over 128
-requests, after an untimed round), so the host's state drifts over both alike. Ratios are taken within each repeat, then the median.
+requests, after an untimed round), so the host's state drifts over both alike. Ratios are taken within each repeat,
+then the median.
 """
 
 from __future__ import annotations

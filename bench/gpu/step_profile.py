@@ -203,15 +203,17 @@ def run(args, name: str, label: str, deadline: float) -> dict:
     trace, marker, result = (args.work / f"{label}{suffix}" for suffix in (".trace.json", ".first_step", ".json"))
     for path in (trace, marker, result):
         path.unlink(missing_ok=True)
-    command = [sys.executable, __file__, "--work", str(args.work), "--device", args.device, "--one", name, "--label", label,
-               "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    command = [sys.executable, __file__, "--work", str(args.work), "--device", args.device, "--one", name,
+               "--label", label, "--warmup", str(args.warmup), "--steps", str(args.steps)]
     started = time.time()
     log = open(args.work / f"{label}.log", "w")
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=train_speed.REPO)
     raw = args.work / f"{label}.spy.txt"
-    spy = subprocess.Popen([train_speed.py_spy(), "record", "--pid", str(proc.pid), "--subprocesses", "--idle",
-                            "--rate", "50", "--nonblocking", "--format", "raw", "-o", str(raw)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if Path(train_speed.py_spy()).exists() else None
+    spy = None
+    if Path(train_speed.py_spy()).exists():
+        spy = subprocess.Popen([train_speed.py_spy(), "record", "--pid", str(proc.pid), "--subprocesses", "--idle",
+                                "--rate", "50", "--nonblocking", "--format", "raw", "-o", str(raw)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while proc.poll() is None and not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.5)
     if spy:
@@ -266,8 +268,8 @@ def main() -> None:
         cpu = ["model.attn_implementation=sdpa"] if args.device == "cpu" else []
         callback = profiler_callback(args.warmup, args.steps, args.work / f"{args.label}.trace.json",
                                      args.work / f"{args.label}.first_step")
-        return train_speed.run_variant(args.work, args.warmup + args.steps, args.work / f"{args.label}.json", args.device,
-                                       spec_path, [*extra, *cpu], callbacks=[callback])
+        return train_speed.run_variant(args.work, args.warmup + args.steps, args.work / f"{args.label}.json",
+                                       args.device, spec_path, [*extra, *cpu], callbacks=[callback])
     deadline = time.monotonic() + args.deadline
     train_speed.prepare(args)
     reports = []

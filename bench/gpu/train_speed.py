@@ -6,7 +6,7 @@ ratios taken within this one call:
     python bench/gpu/train_speed.py --out $OUT --configs plain-fast,ray-fast,plain-fast-compiled --repeats 3
 
 On a machine with several GPUs, `--gpus N` runs each repeat's configurations at once, one per GPU, and moves each
-configuration to the next GPU in the next repeat, so the recipe's slow configurations (about 10.6 s per step) fit
+configuration to the next GPU in the next repeat, so the recipe's slow configurations (7-11 s per step) fit
 one call: `--configs recipe,plain-recipe,ray-recipe --gpus 3 --repeats 3`.
 
 The model is random-init (no weights can be downloaded there): throughput does not depend on the values. The data
@@ -286,7 +286,8 @@ def run_variant(work: Path, steps: int, result: Path, device: str, spec_path: Pa
     examples = data.load_examples(job, tokenizer)
     records: list = []
     trainer = train.build_trainer(job, str(work / "model"), tokenizer, examples.train, [], device,
-                                  str(work / "runs" / result.stem), callbacks=[step_recorder(records, result), *callbacks])
+                                  str(work / "runs" / result.stem),
+                                  callbacks=[step_recorder(records, result), *callbacks])
     trainer.args.save_strategy = "no"
     trainer.train()
     write_result(result, records, peak_gib(device))
@@ -449,8 +450,8 @@ class Probe:
         if not self.running:
             return
         status = Path(f"/proc/{target}/status").read_text()
-        self.status = {k: v.strip() for k, _, v in (line.partition(":") for line in status.splitlines())
-                       if k in ("Threads", "Cpus_allowed_list", "voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")}
+        kept = ("Threads", "Cpus_allowed_list", "voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")
+        self.status = {k: v.strip() for k, _, v in (line.partition(":") for line in status.splitlines()) if k in kept}
         spy = subprocess.Popen([py_spy(), "record", "--pid", str(target), "--rate", "100", "--threads",
                                 "--nonblocking", "--format", "raw", "--duration", str(int(self.seconds)),
                                 "-o", str(self.out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -531,8 +532,9 @@ class GpuBusy:
         import threading
 
         if shutil.which("nvidia-smi"):
-            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits",
-                                          "-lms", "100"], stdout=subprocess.PIPE, text=True)
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,utilization.gpu",
+                                          "--format=csv,noheader,nounits", "-lms", "100"],
+                                         stdout=subprocess.PIPE, text=True)
             threading.Thread(target=self._read, daemon=True).start()
         return self
 
